@@ -1,0 +1,136 @@
+"""The ``estbench`` command line: list, run, show."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from estbench.errors import EstbenchError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="estbench",
+        description="Benchmark gradient estimators for discrete random variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="list registered estimators or tasks")
+    p_list.add_argument("what", choices=("estimators", "tasks"))
+    p_list.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (name or .py path) to register more components")
+
+    p_run = sub.add_parser("run", help="run a comparison matrix from a TOML spec")
+    p_run.add_argument("spec", help="path to the spec, e.g. runs/quick.toml")
+    p_run.add_argument("--out", help="run directory (default: runs/<spec name>)")
+    p_run.add_argument("--device", choices=("cpu", "cuda"), help="override the spec's device")
+    p_run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                       help="import MODULE (name or .py path) to register more components")
+    p_run.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    p_run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p_show = sub.add_parser("show", help="summarise a run directory")
+    p_show.add_argument("run_dir")
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from estbench.registry import ESTIMATORS, TASKS
+
+    if args.what == "estimators":
+        rows = [
+            {"name": n, "supports": ",".join(sorted(c.supports)),
+             "unbiased": "yes" if c.unbiased else "no", "description": c.description}
+            for n, c in ((n, ESTIMATORS.get(n)) for n in ESTIMATORS.names())
+        ]
+    else:
+        rows = []
+        for name in TASKS.names():
+            cls = TASKS.get(name)
+            latent = cls().latent
+            rows.append({"name": name, "latent": latent.describe(), "version": cls.version,
+                         "description": cls.description})
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from estbench.runner import run_spec
+    from estbench.spec import load_spec
+
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    cells = spec.cells()
+    bar = tqdm(total=len(cells), desc=f"{spec.name}", unit="cell", disable=args.no_progress,
+               file=sys.stderr)
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+
+    def progress(cell_id: str, status: str) -> None:
+        counts[status] += 1
+        bar.set_postfix(counts, refresh=False)
+        bar.update(1)
+
+    summary = run_spec(spec, out, device=args.device, force=args.force, progress=progress)
+    bar.close()
+    print(f"{len(summary.done)} cells run, {len(summary.reused)} reused, "
+          f"{len(summary.skipped)} skipped, {len(summary.failed)} failed -> {out}")
+    for cell_id, path in summary.failed.items():
+        print(f"FAILED {cell_id}: see {path}", file=sys.stderr)
+    _print_summary(out)
+    return 0 if summary.ok else 1
+
+
+def _print_summary(run_dir: Path) -> None:
+    from analysis.summary import summary_table
+    from estbench.store import load_results
+
+    table = summary_table(load_results(run_dir))
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
+                           "display.max_colwidth", 48, "display.float_format", "{:.4g}".format):
+        for (task, task_params), rows in table.groupby(["task", "task_params"], sort=False):
+            print(f"\n== {task} {task_params}")
+            print(rows.drop(columns=["task", "task_params"]).to_string(index=False))
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from estbench.store import load_results, read_json
+
+    run_dir = Path(args.run_dir)
+    load_results(run_dir)  # validates that this is a run directory
+    manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").is_file() else {}
+    cells = manifest.get("cells", {})
+    statuses = pd.Series([c["status"] for c in cells.values()]).value_counts().to_dict()
+    print(f"run {manifest.get('run', run_dir.name)}: {manifest.get('status', '?')}, cells {statuses}")
+    _print_summary(run_dir)
+    failed = [cid for cid, c in cells.items() if c["status"] == "failed"]
+    for cell_id in failed:
+        print(f"FAILED {cell_id}: see {run_dir / 'errors' / (cell_id + '.txt')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from estbench.registry import load_builtins, load_plugin
+
+        load_builtins()
+        for plugin in getattr(args, "plugin", []):
+            load_plugin(plugin)
+        return {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show}[args.command](args)
+    except EstbenchError as err:
+        print(f"estbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("estbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Discrete latent spaces: Bernoulli ``[..., D]`` and categorical ``[..., D, K]`` logits.
+
+Every sampler draws from the ambient torch generator (seeded by the runner), so results are
+reproducible per cell, and works for any leading batch shape. Samples are float tensors (0/1 or
+one-hot) so that a cost ``f`` written for hard samples also accepts relaxed ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from estbench.errors import EstbenchError
+
+__all__ = [
+    "Latent",
+    "uniform",
+    "gumbel",
+    "logistic",
+    "one_hot",
+    "expectation_by_enumeration",
+    "DEFAULT_MAX_STATES",
+]
+
+DEFAULT_MAX_STATES = 65_536
+KINDS = ("bernoulli", "categorical")
+
+
+def uniform(shape: torch.Size | tuple, like: Tensor) -> Tensor:
+    """U(0, 1) noise strictly inside (0, 1), so that logs of it and of 1 - it stay finite."""
+    tiny = torch.finfo(like.dtype).tiny
+    u = torch.rand(shape, dtype=like.dtype, device=like.device)
+    return u.clamp(tiny, 1.0 - torch.finfo(like.dtype).eps)
+
+
+def gumbel(shape: torch.Size | tuple, like: Tensor) -> Tensor:
+    """Standard Gumbel noise, G = -log E with E ~ Exp(1) = -log U."""
+    return -torch.log(-torch.log(uniform(shape, like)))
+
+
+def logistic(shape: torch.Size | tuple, like: Tensor) -> Tensor:
+    """Standard logistic noise, log U - log(1 - U)."""
+    u = uniform(shape, like)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def one_hot(index: Tensor, categories: int, dtype: torch.dtype) -> Tensor:
+    """One-hot encoding as a float tensor ``[..., K]``."""
+    out = torch.zeros(*index.shape, categories, dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
+@dataclass(frozen=True)
+class Latent:
+    """A product of ``dim`` independent discrete variables.
+
+    ``kind='bernoulli'``: logits ``[..., D]``, samples in {0, 1}^D.
+    ``kind='categorical'``: logits ``[..., D, K]``, one-hot samples ``[..., D, K]``.
+    """
+
+    kind: str
+    dim: int
+    categories: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise EstbenchError(f"latent kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dim < 1:
+            raise EstbenchError(f"latent dim must be >= 1, got {self.dim}")
+        if self.categories < 2:
+            raise EstbenchError(f"latent categories must be >= 2, got {self.categories}")
+        if self.kind == "bernoulli" and self.categories != 2:
+            raise EstbenchError("a bernoulli latent has categories = 2")
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return (self.dim,) if self.kind == "bernoulli" else (self.dim, self.categories)
+
+    @property
+    def event_ndim(self) -> int:
+        return len(self.event_shape)
+
+    @property
+    def num_states(self) -> int:
+        """Size of the joint latent space, K^D (an exact Python integer)."""
+        return self.categories**self.dim
+
+    def describe(self) -> str:
+        if self.kind == "bernoulli":
+            return f"bernoulli D={self.dim}"
+        return f"categorical D={self.dim} K={self.categories}"
+
+    def check_logits(self, logits: Tensor) -> None:
+        """Raise a one-line error unless ``logits`` ends in :attr:`event_shape`."""
+        if not isinstance(logits, Tensor):
+            raise EstbenchError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        if tuple(logits.shape[-self.event_ndim :]) != self.event_shape or (
+            logits.dim() < self.event_ndim
+        ):
+            want = "[..., D]" if self.kind == "bernoulli" else "[..., D, K]"
+            raise EstbenchError(
+                f"logits of shape {tuple(logits.shape)} do not fit a {self.describe()} latent; "
+                f"expected {want} ending in {self.event_shape}"
+            )
+        if not logits.is_floating_point():
+            raise EstbenchError(f"logits must be floating point, got dtype {logits.dtype}")
+
+    def batch_shape(self, logits: Tensor) -> torch.Size:
+        return logits.shape[: logits.dim() - self.event_ndim]
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """P(z_i = 1) ``[..., D]`` or softmax probabilities ``[..., D, K]``."""
+        return torch.sigmoid(logits) if self.kind == "bernoulli" else torch.softmax(logits, -1)
+
+    def sample(self, logits: Tensor, sample_shape: tuple[int, ...] = ()) -> Tensor:
+        """Independent hard samples ``[*sample_shape, *logits.shape]`` (detached floats)."""
+        shape = tuple(sample_shape) + tuple(logits.shape)
+        logits = logits.detach()
+        if self.kind == "bernoulli":
+            u = torch.rand(shape, dtype=logits.dtype, device=logits.device)
+            return u.add_(torch.sigmoid(logits)).floor_()  # 1[u >= 1 - p] ~ Bernoulli(p)
+        index = (logits + gumbel(shape, logits)).argmax(-1)  # Gumbel-max: an exact Cat(softmax) draw
+        return one_hot(index, self.categories, logits.dtype)
+
+    def log_prob(self, logits: Tensor, z: Tensor) -> Tensor:
+        """log p(z) summed over the D variables: ``[..., *batch]``; broadcasts over sample dims."""
+        if self.kind == "bernoulli":
+            logits = logits.expand(torch.broadcast_shapes(logits.shape, z.shape))
+            return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(-1)
+        return (z * torch.log_softmax(logits, -1)).sum((-2, -1))
+
+    def mean(self, logits: Tensor) -> Tensor:
+        """E[z] (the mean-field point), same shape as ``logits``."""
+        return self.probs(logits)
+
+    def enumerate_states(self, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+        """All K^D joint states, ``[S, *event_shape]``."""
+        index = torch.tensor(
+            list(itertools.product(range(self.categories), repeat=self.dim)),
+            dtype=torch.long,
+            device=device,
+        ).reshape(self.num_states, self.dim)
+        if self.kind == "bernoulli":
+            return index.to(dtype)
+        return one_hot(index, self.categories, dtype)
+
+    def check_enumerable(self, max_states: int, who: str = "exact enumeration") -> None:
+        if self.num_states > max_states:
+            size = f"{self.categories}^{self.dim}"
+            magnitude = f"~1e{int(self.dim * math.log10(self.categories))}"
+            raise EstbenchError(
+                f"{who}: the {self.describe()} latent has {size} ({magnitude}) states, above "
+                f"max_states={max_states}; use a smaller latent or raise max_states"
+            )
+
+
+def expectation_by_enumeration(
+    latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor], max_states: int
+) -> Tensor:
+    """E_{z ~ p(logits)}[f(z)] by summing over all states: ``[*batch]``, differentiable in the
+    logits (through p) and in any parameter inside ``f``."""
+    latent.check_enumerable(max_states)
+    states = latent.enumerate_states(logits.dtype, logits.device)  # [S, *event]
+    batch = latent.batch_shape(logits)
+    view = (states.shape[0],) + (1,) * len(batch) + latent.event_shape
+    z = states.reshape(view).expand((states.shape[0],) + tuple(logits.shape))
+    weights = latent.log_prob(logits, z).exp()  # [S, *batch]
+    return (weights * f(z)).sum(0)
