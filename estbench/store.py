@@ -69,11 +69,17 @@ def validate(rows: pd.DataFrame) -> pa.Table:
     bad_phase = set(rows["phase"]) - set(PHASES)
     if bad_phase:
         raise EstbenchError(f"results rows have unknown phases {sorted(bad_phase)}; known: {PHASES}")
-    table = pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False)
-    table.validate(full=True)
-    for name in SCHEMA.names:
-        if not SCHEMA.field(name).nullable and table.column(name).null_count:
+    for field in SCHEMA:
+        if pa.types.is_floating(field.type) or field.nullable:
+            continue  # NaN is a legitimate float value (an undefined metric)
+        name = field.name
+        if rows[name].isna().any():
             raise EstbenchError(f"results column '{name}' has missing values")
+    try:
+        table = pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False)
+    except (pa.ArrowException, ValueError, TypeError) as err:
+        raise EstbenchError(f"results rows do not fit the schema: {err}") from None
+    table.validate(full=True)
     return table
 
 

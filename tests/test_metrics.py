@@ -1,0 +1,86 @@
+"""Gradient-quality metrics on synthetic draws with a known mean and covariance."""
+
+import math
+
+import pytest
+import torch
+
+from estbench.metrics import GRADIENT_METRICS, gradient_metrics
+
+
+def _draws(m, bias, scale, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = bias.shape[0]
+    truth = torch.linspace(-1.0, 1.0, p)
+    g = truth + bias + scale * torch.randn(m, p, generator=gen, dtype=torch.float64)
+    return g, truth
+
+
+def _as_dict(values):
+    return {v.metric: v for v in values}
+
+
+def test_every_metric_is_reported():
+    g, truth = _draws(500, torch.zeros(4), 0.3)
+    assert set(_as_dict(gradient_metrics(g, truth))) == set(GRADIENT_METRICS)
+
+
+def test_unbiased_draws_give_zero_bias_and_the_true_variance():
+    scale = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=torch.float64)
+    g, truth = _draws(20_000, torch.zeros(4), scale)
+    m = _as_dict(gradient_metrics(g, truth))
+    true_total = float((scale**2).sum())
+    assert m["grad_var_total"].ci_low <= true_total <= m["grad_var_total"].ci_high
+    assert m["grad_bias_norm"].ci_low == 0.0
+    assert m["grad_bias_pvalue"].value > 1e-3
+    assert math.isclose(m["grad_var_mean"].value, m["grad_var_total"].value / 4)
+
+
+def test_bias_norm_recovers_a_known_bias_within_its_interval():
+    bias = torch.tensor([0.05, -0.02, 0.0, 0.03], dtype=torch.float64)
+    hits = 0
+    for seed in range(40):
+        g, truth = _draws(4_000, bias, 0.5, seed=seed)
+        m = _as_dict(gradient_metrics(g, truth))
+        hits += m["grad_bias_norm"].ci_low <= float(bias.norm()) <= m["grad_bias_norm"].ci_high
+    assert hits >= 34  # 95% intervals: P(hits < 34 of 40) < 1%
+
+
+def test_naive_norm_would_be_inflated_but_ours_is_not():
+    g, truth = _draws(100, torch.zeros(50), 1.0)
+    naive = float((g.mean(0) - truth).norm())
+    ours = _as_dict(gradient_metrics(g, truth))["grad_bias_norm"].value
+    assert naive > 0.5 and ours < 0.3
+
+
+def test_cosines_mse_and_snr():
+    g, truth = _draws(10_000, torch.zeros(3), 0.01)
+    m = _as_dict(gradient_metrics(g, truth))
+    assert m["grad_cosine"].value == pytest.approx(1.0, abs=1e-6)
+    assert m["grad_cosine_mean"].value == pytest.approx(1.0, abs=1e-3)
+    assert m["grad_mse"].value == pytest.approx(3 * 0.01**2, rel=0.05)
+    assert m["grad_snr"].value == pytest.approx(float(truth.norm()) / math.sqrt(3e-4), rel=0.05)
+    assert m["grad_ref_norm"].value == pytest.approx(float(truth.norm()))
+
+
+def test_deterministic_exact_estimator_has_infinite_snr_and_no_bias():
+    truth = torch.tensor([0.3, -0.1])
+    g = truth.expand(10, 2).clone()
+    m = _as_dict(gradient_metrics(g, truth))
+    assert m["grad_var_total"].value == 0 and m["grad_snr"].value == math.inf
+    assert m["grad_bias_z"].value < 1 and m["grad_bias_norm"].value == 0
+
+
+def test_without_reference_only_variance_metrics():
+    g, _ = _draws(100, torch.zeros(3), 1.0)
+    assert set(_as_dict(gradient_metrics(g, None))) == {"grad_var_total", "grad_var_mean", "grad_snr"}
+
+
+def test_reference_variance_widens_the_z_score():
+    g, truth = _draws(1000, torch.zeros(3), 1.0)
+    noisy_ref = truth + 0.2
+    strict = _as_dict(gradient_metrics(g, noisy_ref))["grad_bias_z"].value
+    lenient = _as_dict(
+        gradient_metrics(g, noisy_ref, reference_var=torch.full((3,), 0.04))
+    )["grad_bias_z"].value
+    assert strict > 5 > lenient
