@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   virtual environment + install + the quick comparison matrix + its summary
+#   make demo   virtual environment + install + the quick comparison matrix, its summary and report
 #   make test   virtual environment + install + the test suite
 # TORCH is installed first so that no unpinned torch (and its CUDA packages) is ever pulled in;
 # override it where another build is wanted, e.g. make demo TORCH='torch==2.13.0 --index-url URL'.
@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/estbench run runs/quick.toml --out runs/quick
+	$(BIN)/estbench report runs/quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,38 +1,62 @@
-"""A compact per-task, per-estimator summary of a run's results table."""
+"""The per-task summary table: headline metrics per estimator configuration, with intervals."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["summary_table", "SUMMARY_METRICS"]
+from analysis.stats import aggregate
+from analysis.tidy import KEYS, add_labels
 
-#: (phase, metric, which step, column title)
+__all__ = ["SUMMARY_METRICS", "summary_table", "format_summary"]
+
+#: (column title, phase, metric, which step of each cell)
 SUMMARY_METRICS = (
-    ("train", "loss_exact", "last", "final loss_exact"),
-    ("gradient", "grad_var_total", "first", "grad_var_total@0"),
-    ("gradient", "grad_bias_norm", "first", "grad_bias_norm@0"),
-    ("gradient", "grad_cosine", "first", "grad_cosine@0"),
-    ("throughput", "time_per_estimate_s", "first", "time/estimate (s)"),
-    ("throughput", "f_evals", "first", "f_evals"),
+    ("final loss_exact", "train", "loss_exact", "last"),
+    ("final loss", "train", "loss", "last"),
+    ("bias norm @0", "gradient", "grad_bias_norm", "first"),
+    ("variance @0", "gradient", "grad_var_total", "first"),
+    ("cosine @0", "gradient", "grad_cosine", "first"),
+    ("time/estimate (s)", "throughput", "time_per_estimate_s", "first"),
+    ("f evals", "throughput", "f_evals", "first"),
 )
 
 
-def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of headline metrics, one row per (task, task_params, estimator config).
-
-    'first' takes each cell's earliest step (the initial parameters), 'last' its final step.
-    """
-    keys = ["task", "task_params", "estimator_label"]
-    if results.empty:
-        return pd.DataFrame(columns=keys + [title for *_, title in SUMMARY_METRICS])
-    columns = []
-    for phase, metric, which, title in SUMMARY_METRICS:
-        rows = results[(results["phase"] == phase) & (results["metric"] == metric)]
-        if rows.empty:
+def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 1000,
+                  random_state: int = 0) -> pd.DataFrame:
+    """One row per (task, estimator configuration); for each headline metric the statistic over
+    seeds and its bootstrap interval (columns ``<title>``, ``<title> lo``, ``<title> hi``)."""
+    labelled = add_labels(results) if "task_label" not in results else results
+    if labelled.empty:
+        return pd.DataFrame(columns=[*KEYS, "seeds"])
+    seeds = labelled.groupby(KEYS)["seed"].nunique().rename("seeds")
+    parts = [seeds]
+    for title, phase, metric, step in SUMMARY_METRICS:
+        table = aggregate(labelled, metric, phase=phase, step=step, statistics=(statistic,),
+                          n_boot=n_boot, random_state=random_state)
+        if table.empty:
             continue
-        rows = rows.sort_values("step")
-        pick = rows.groupby("cell").head(1) if which == "first" else rows.groupby("cell").tail(1)
-        columns.append(pick.groupby(keys)["value"].mean().rename(title))
-    seeds = results.groupby(keys)["seed"].nunique().rename("seeds")
-    table = pd.concat([seeds, *columns], axis=1).reset_index()
-    return table.sort_values(keys, kind="stable").reset_index(drop=True)
+        table = table.set_index(KEYS)
+        parts += [table["value"].rename(title), table["ci_low"].rename(f"{title} lo"),
+                  table["ci_high"].rename(f"{title} hi")]
+    out = pd.concat(parts, axis=1).reset_index()
+    return out.sort_values(KEYS, kind="stable").reset_index(drop=True)
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:.3g}"
+
+
+def format_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Render ``value [lo, hi]`` strings for display (tables in the CLI, report and markdown)."""
+    titles = [t for t, *_ in SUMMARY_METRICS if t in table.columns]
+    out = table[[*KEYS, "seeds"]].copy()
+    for title in titles:
+        lo, hi = table[f"{title} lo"], table[f"{title} hi"]
+        out[title] = [
+            _fmt(v) if np.isnan(a) or np.isnan(b) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
+            for v, a, b in zip(table[title], lo, hi)
+        ]
+    return out

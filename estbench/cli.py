@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p_show = sub.add_parser("show", help="summarise a run directory")
     p_show.add_argument("run_dir")
+
+    p_report = sub.add_parser("report", help="write figures, report.html and summary.md")
+    p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                          help="a run directory, or two to compare side by side")
+    p_report.add_argument("--out", help="output directory (default: RUN_DIR/report)")
     return parser
 
 
@@ -88,15 +93,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from analysis.summary import summary_table
+    from analysis.summary import format_summary, summary_table
     from estbench.store import load_results
 
-    table = summary_table(load_results(run_dir))
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.max_colwidth", 48, "display.float_format", "{:.4g}".format):
-        for (task, task_params), rows in table.groupby(["task", "task_params"], sort=False):
-            print(f"\n== {task} {task_params}")
-            print(rows.drop(columns=["task", "task_params"]).to_string(index=False))
+    table = format_summary(summary_table(load_results(run_dir)))
+    print("\nmean over seeds [95% bootstrap interval over seeds]; @0 = at the initial parameters")
+    with pd.option_context("display.width", 250, "display.max_columns", 20,
+                           "display.max_colwidth", 40):
+        for task, rows in table.groupby("task_label", sort=True):
+            print(f"\n== {task}")
+            print(rows.drop(columns=["task_label"]).to_string(index=False))
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -115,6 +121,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    path = write_report(args.run_dirs, args.out)
+    print(f"report written: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         load_builtins()
         for plugin in getattr(args, "plugin", []):
             load_plugin(plugin)
-        return {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show}[args.command](args)
+        commands = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show, "report": _cmd_report}
+        return commands[args.command](args)
     except EstbenchError as err:
         print(f"estbench: error: {err}", file=sys.stderr)
         return 2

@@ -87,3 +87,27 @@ def test_estimate_rejects_logits_of_the_wrong_shape():
     est = ESTIMATORS.get("reinforce")()
     with pytest.raises(EstbenchError, match=r"logits of shape \(4, 3\)"):
         est.estimate(torch.zeros(4, 3), lambda z: z.sum(-1), Latent("bernoulli", 5))
+
+
+def test_entry_point_plugins_are_loaded(tmp_path, monkeypatch):
+    """An installed distribution declaring the estbench.estimators group is picked up."""
+    from estbench.registry import Registry
+
+    (tmp_path / "ep_plugin_mod.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from estbench import Estimator\n"
+        "@dataclass(kw_only=True)\n"
+        "class ViaEntryPoint(Estimator):\n"
+        "    def _estimate(self, logits, f, latent):\n"
+        "        raise NotImplementedError\n"
+    )
+    info = tmp_path / "ep_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[estbench.estimators]\nvia-entry-point = ep_plugin_mod:ViaEntryPoint\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("estimator", "estimators", "estbench.estimators")
+    cls = registry.get("via-entry-point")
+    assert cls.__name__ == "ViaEntryPoint" and cls.name == "via-entry-point"
