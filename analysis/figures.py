@@ -25,6 +25,9 @@ __all__ = [
 
 sns.set_theme(context="notebook", style="whitegrid")
 
+#: on a log axis, a line whose largest value is below this fraction of the panel's is zero
+ZERO_ON_LOG = 1e-12
+
 
 def _palette(labels) -> dict[str, tuple]:
     labels = sorted(set(labels))
@@ -58,8 +61,13 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
     fig, axes = _facets(table["task_label"])
     colors = _palette(table["estimator_label"])
     log_y = _span_is_wide(table["value"]) if log_y is None else log_y
+    panel_max = table.groupby("task_label")["value"].max()
+    hidden: dict[str, list[str]] = {}
     for (task, est), rows in table.sort_values("step").groupby(["task_label", "estimator_label"]):
         ax = axes[task]
+        if log_y and not rows["value"].max() > ZERO_ON_LOG * panel_max[task]:
+            hidden.setdefault(task, []).append(est)  # numerically zero: no place on a log axis
+            continue
         xs = rows[x].to_numpy(float)
         ax.plot(xs, rows["value"], marker="o" if len(rows) < 4 else None, ms=4, lw=1.6,
                 color=colors[est], label=est)
@@ -70,6 +78,9 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
         ax.set_ylabel(ylabel)
         if log_y:
             ax.set_yscale("log")
+        if task in hidden:
+            ax.text(0.02, 0.02, "≈ 0, not shown: " + ", ".join(hidden[task]),
+                    transform=ax.transAxes, fontsize=8, color="0.35")
     if title:
         fig.suptitle(title)
     _legend(fig, next(iter(axes.values())))
