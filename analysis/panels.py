@@ -26,8 +26,11 @@ def variance_curve(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame
 
 
 def training_curve(results: pd.DataFrame, metric: str, random_state: int = 0) -> pd.DataFrame:
-    """A training metric (``loss``, ``loss_exact``, ...) against steps and wall-clock."""
-    return curves(results, metric, phase="train", random_state=random_state)
+    """A metric recorded along training (phase ``train`` or ``eval``: ``loss``, ``loss_exact``,
+    test -ELBO, ...) against steps and wall-clock."""
+    phases = results.loc[results["metric"] == metric, "phase"].unique()
+    phase = "train" if "train" in phases or not len(phases) else phases[0]
+    return curves(results, metric, phase=phase, random_state=random_state)
 
 
 def _first_checkpoint(results: pd.DataFrame, metric: str, by, random_state: int) -> pd.DataFrame:

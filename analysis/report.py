@@ -61,6 +61,17 @@ def _combined(runs: list[Run]) -> pd.DataFrame:
     return add_labels(pd.concat(non_empty, ignore_index=True) if non_empty else frames[0])
 
 
+CURVE_LABELS = {"loss_exact": "exact expected cost L(θ)", "loss": "sampled cost f(z)"}
+
+
+def _curve_metrics(results: pd.DataFrame) -> list[str]:
+    """Every metric recorded along training (exact loss first), except the clock itself."""
+    along = results[results["phase"].isin(["train", "eval"])]["metric"].unique()
+    found = [m for m in along if m != "wall_time_s"]
+    return sorted(found, key=lambda m: (m not in CURVE_LABELS, list(CURVE_LABELS).index(m)
+                                        if m in CURVE_LABELS else 0, m))
+
+
 def build_figures(results: pd.DataFrame) -> dict[str, plt.Figure]:
     """Every report figure that the results support, by file stem."""
     out: dict[str, plt.Figure] = {}
@@ -77,8 +88,8 @@ def build_figures(results: pd.DataFrame) -> dict[str, plt.Figure]:
     if not temp.empty:
         out["temperature"] = figures.plot_against_temperature(
             temp, title="Relaxed estimators: bias and variance against temperature")
-    for metric, ylabel in (("loss_exact", "exact expected cost L(θ)"),
-                           ("loss", "sampled cost f(z)")):
+    for metric in _curve_metrics(results):
+        ylabel = CURVE_LABELS.get(metric, metric)
         curve = panels.training_curve(results, metric)
         if curve.empty:
             continue
