@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     p_run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                        help="import MODULE (name or .py path) to register more components")
     p_run.add_argument("--force", action="store_true", help="rerun cells that already finished")
+    p_run.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local worker processes (default) or a Ray cluster")
+    p_run.add_argument("--workers", type=int, default=None,
+                       help="local worker processes (default: the cores available)")
+    p_run.add_argument("--address", help="Ray cluster address, e.g. 127.0.0.1:6379")
     p_run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     p_show = sub.add_parser("show", help="summarise a run directory")
@@ -76,18 +81,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(cells), desc=f"{spec.name}", unit="cell", disable=args.no_progress,
                file=sys.stderr)
     counts = {"done": 0, "failed": 0, "skipped": 0}
+    running: set[str] = set()
 
     def progress(cell_id: str, status: str) -> None:
-        counts[status] += 1
-        bar.set_postfix(counts, refresh=False)
-        bar.update(1)
+        if status == "running":
+            running.add(cell_id)
+        else:
+            running.discard(cell_id)
+            counts[status] += 1
+            bar.update(1)
+            if status == "failed":
+                bar.write(f"FAILED {cell_id}: see {out / 'errors' / (cell_id + '.txt')}",
+                          file=sys.stderr)
+        bar.set_postfix({**counts, "running": len(running)}, refresh=True)
 
-    summary = run_spec(spec, out, device=args.device, force=args.force, progress=progress)
+    summary = run_spec(spec, out, device=args.device, force=args.force, executor=args.executor,
+                       workers=args.workers, address=args.address, plugins=tuple(args.plugin),
+                       progress=progress)
     bar.close()
     print(f"{len(summary.done)} cells run, {len(summary.reused)} reused, "
           f"{len(summary.skipped)} skipped, {len(summary.failed)} failed -> {out}")
-    for cell_id, path in summary.failed.items():
-        print(f"FAILED {cell_id}: see {path}", file=sys.stderr)
+    if args.no_progress:
+        for cell_id, path in summary.failed.items():
+            print(f"FAILED {cell_id}: see {path}", file=sys.stderr)
     _print_summary(out)
     return 0 if summary.ok else 1
 
