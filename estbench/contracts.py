@@ -63,6 +63,14 @@ class Estimator(HyperParams, abc.ABC):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.step = 0
+        self.training = False
+
+    def train(self, mode: bool = True) -> Estimator:
+        """Switch learning of the estimator's own parameters (control variates, baselines) on or
+        off. The runner turns it on for training steps and off for every fixed-parameter
+        measurement, where state is frozen."""
+        self.training = mode
+        return self
 
     def estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
         """Validate the logits against ``latent`` and return an :class:`Estimate`."""
@@ -89,8 +97,9 @@ class Estimator(HyperParams, abc.ABC):
 
     def update(self, estimate: Estimate) -> None:
         """State hook, called by the training loop after each optimiser step with that step's
-        estimate (e.g. to move a baseline). Never called during fixed-parameter measurement, so
-        state is frozen there."""
+        estimate: move a baseline, or take a step on the estimator's own parameters with the
+        gradients that :meth:`_estimate` left in ``estimate.extras`` while ``training``. Never
+        called during fixed-parameter measurement, so state is frozen there."""
 
     def label(self) -> str:
         """A short human-readable name: the registry name plus non-default hyperparameters."""

@@ -172,3 +172,30 @@ def expectation_by_enumeration(
     z = states.reshape(view).expand((states.shape[0],) + tuple(logits.shape))
     weights = latent.log_prob(logits, z).exp()  # [S, *batch]
     return (weights * f(z)).sum(0)
+
+
+def as_categorical(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor]
+                   ) -> tuple[Latent, Tensor, Callable[[Tensor], Tensor]]:
+    """View a Bernoulli latent as 2-class categoricals with logits ``[0, theta]``, so that
+    categorical-only estimators apply; ``f`` then receives the second one-hot coordinate.
+    Categorical latents pass through unchanged."""
+    if latent.kind == "categorical":
+        return latent, logits, f
+    pair = torch.stack([torch.zeros_like(logits), logits], -1)
+    return Latent("categorical", latent.dim, 2), pair, lambda z: f(z[..., 1])
+
+
+def conditional_gumbel(logits: Tensor, sample: Tensor, sample_shape: tuple[int, ...] = ()
+                       ) -> Tensor:
+    """Perturbed logits zeta ~ (theta + G | argmax(theta + G) = index of ``sample``): the maximum
+    is Gumbel(log Z) and the others are Gumbels truncated below it (Maddison et al. 2014;
+    Tucker et al. 2017, arXiv 1703.07370). With E_j ~ Exp(1) and log Z = logsumexp(theta):
+    zeta_d = log Z - log E_d, zeta_j = -log(E_j exp(-theta_j) + E_d / Z) for j != d.
+    Differentiable in ``logits``; shape ``[*sample_shape, *logits.shape]``; ``sample`` is one-hot."""
+    shape = tuple(sample_shape) + tuple(torch.broadcast_shapes(logits.shape, sample.shape))
+    log_e = torch.log(-torch.log(uniform(shape, logits)))  # log E, E ~ Exp(1)
+    log_z = torch.logsumexp(logits, -1, keepdim=True)
+    log_e_d = (log_e * sample).sum(-1, keepdim=True)
+    top = log_z - log_e_d
+    others = -torch.logaddexp(log_e - logits, log_e_d - log_z)
+    return torch.where(sample.bool(), top, others)

@@ -108,6 +108,7 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
 
     for step in range(measure.steps + 1):
         if step in checkpoints:
+            estimator.train(False)
             records += _gradient_phase(task, estimator, params, measure, generator, step)
         if step % measure.log_every == 0 or step == measure.steps:
             if window:
@@ -125,6 +126,7 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
         if step == measure.steps:
             break
         started = time.perf_counter()
+        estimator.train(True)
         estimator.begin_step(step)
         batch = task.sample_batch(generator)
         estimate = estimator.estimate(
@@ -139,6 +141,7 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
         window.append(estimate.value.detach().mean())
 
     if measure.throughput:
+        estimator.train(True)  # time what a training step pays; update() is never called here
         estimator.begin_step(0)
         batch = task.sample_batch(generator)
         records += _records(

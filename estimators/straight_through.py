@@ -8,28 +8,65 @@ g = (1/tau) J(p_tau)^T grad_z f(z). tau is used only in the backward pass.
 exact sample, and backward through y = softmax((theta + G) / tau), so g = (1/tau) J(y)^T grad_z f(z)
 (Bernoulli: z = 1[theta + L > 0], y = sigmoid((theta + L) / tau)).
 
-Both are biased (the gradient of f at a hard point, not of E f), with 1 evaluation of f, and
-need f to be differentiable at hard points.
+``reinmax`` (Liu, Dong, Liu, Yu, Gao 2023, NeurIPS, arXiv 2304.08612): D ~ Cat(softmax(theta))
+forward (tau is not used there); with g = grad_D f(D), pi = softmax(theta),
+pi_tau = softmax(theta / tau) and pi~ = (D + pi_tau) / 2, the backward pass is the second-order
+(Heun-type) g_hat = 2 J(pi~) g - 1/2 J(pi) g, where J(q) = diag(q) - q q^T; no 1/tau factor.
+Requires tau >= 1 as its authors do.
+
+``gst`` / ``gst-p`` (Fan, Chi, Rudnicky, Ramadge 2022, ICML, arXiv 2206.07235): D ~ Cat(pi) with
+index d and m = argmax theta; the gapped logits put theta'_d = theta_m and
+theta'_k = min(theta_k, theta_m - gap) for k != d, then centre them; the output is D + p - sg(p)
+with p = softmax(theta' / tau). ``gst`` has gap = 1; ``gst-p`` has gap = -log(1 - pi_d) / pi_d.
+Detach convention (a named parameter, default ``detach = true``): the shift theta' - theta is held
+constant, so g_hat = (1/tau) J(p) grad_D f(D) with J at the gapped point; ``detach = false``
+differentiates through theta_m, the clipping and (gst-p) the gap, as in the authors' VAE script.
+
+``gumbel-rao`` (Paulus, Maddison, Krause 2021, ICLR, arXiv 2010.04838), GR-MCK with
+K = ``samples``: D ~ Cat(pi); K conditional Gumbel draws zeta^k ~ (theta + G | argmax = D); output
+D + p_bar - sg(p_bar), p_bar = (1/K) sum_k softmax((theta + G^k) / tau). Detach convention
+(pinned): G^k = zeta^k - theta is held fixed, so g_hat = E[ST-GS estimate | D] by Monte Carlo: the
+same mean as ST-Gumbel-Softmax with no larger variance (K = 1 is distributed as ST-GS).
+
+All are biased (the gradient of f at a hard point, not of E f), with 1 evaluation of f, and
+need f to be differentiable at hard points. Bernoulli latents run as 2-class categoricals with
+logits [0, theta] where the method is categorical (ReinMax, GST, Gumbel-Rao).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from estbench.contracts import Cost, Estimate, Estimator
-from estbench.latents import Latent, one_hot
+from estbench.hyperparams import hyper
+from estbench.latents import Latent, as_categorical, conditional_gumbel, one_hot
 from estbench.registry import register_estimator
 from estbench.schedules import TemperatureSchedule
 from estimators.relaxed import relaxed_sample
 
-__all__ = ["StraightThrough", "STGumbelSoftmax", "straight_through"]
+__all__ = [
+    "StraightThrough",
+    "STGumbelSoftmax",
+    "ReinMax",
+    "GST",
+    "GSTP",
+    "GumbelRao",
+    "straight_through",
+    "softmax_jacobian_product",
+]
 
 
 def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     """Forward value ``hard``, gradient of ``soft``."""
     return hard + soft - soft.detach()
+
+
+def softmax_jacobian_product(q: Tensor, v: Tensor) -> Tensor:
+    """J(q) v = q * v - q (q . v) over the last axis (J(q) = diag(q) - q q^T is symmetric)."""
+    return q * v - q * (q * v).sum(-1, keepdim=True)
 
 
 @register_estimator("straight-through")
@@ -61,4 +98,90 @@ class STGumbelSoftmax(TemperatureSchedule, Estimator):
         else:
             z = one_hot(perturbed.argmax(-1), latent.categories, logits.dtype)
         cost = f(straight_through(z.detach(), y))
+        return Estimate(cost, cost.detach(), 1)
+
+
+@register_estimator("reinmax")
+@dataclass(kw_only=True)
+class ReinMax(TemperatureSchedule, Estimator):
+    """ReinMax: hard sample forward, g = 2 J(pi~) g_D - 1/2 J(pi) g_D backward. Biased."""
+
+    description = "ReinMax: second-order straight-through (Heun's method)"
+    reparameterised = True
+
+    temperature: float = hyper(1.0, ge=1.0, doc="tau >= 1, used only in pi_tau (backward)")
+    min_temperature: float = hyper(1.0, ge=1.0, doc="floor of the annealed temperature (>= 1)")
+
+    def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
+        latent, logits, f = as_categorical(latent, logits, f)
+        z = latent.sample(logits)
+        theta = logits.detach()
+        pi_tilde = 0.5 * (z + torch.softmax(theta / self.current_temperature(), -1))
+        # a function of theta whose Jacobian is 2 J(pi~) - 1/2 J(pi): the first term is linear in
+        # theta with J(pi~) held constant, the second is the softmax itself
+        surrogate_map = 2 * softmax_jacobian_product(pi_tilde, logits) - 0.5 * torch.softmax(logits, -1)
+        cost = f(straight_through(z, surrogate_map))
+        return Estimate(cost, cost.detach(), 1)
+
+
+@register_estimator("gst")
+@dataclass(kw_only=True)
+class GST(TemperatureSchedule, Estimator):
+    """Gapped straight-through with a fixed gap (GST-1.0 for gap = 1). Biased."""
+
+    description = "gapped straight-through, fixed gap (GST-1.0)"
+    reparameterised = True
+
+    gap: float = hyper(1.0, gt=0.0, doc="every other logit ends at least this far below")
+    detach: bool = hyper(True, doc="hold theta' - theta constant (see the module docstring)")
+
+    def _gap(self, probs_d: Tensor) -> Tensor | float:
+        return self.gap
+
+    def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
+        latent, logits, f = as_categorical(latent, logits, f)
+        z = latent.sample(logits)
+        source = logits.detach() if self.detach else logits
+        top = source.max(-1, keepdim=True).values
+        probs_d = (torch.softmax(source, -1) * z).sum(-1, keepdim=True)
+        clipped = torch.minimum(source, top - self._gap(probs_d))
+        gapped = torch.where(z.bool(), top, clipped)
+        gapped = gapped - gapped.mean(-1, keepdim=True)
+        if self.detach:
+            gapped = logits + (gapped - logits.detach())  # theta' with the shift held constant
+        p = torch.softmax(gapped / self.current_temperature(), -1)
+        cost = f(straight_through(z, p))
+        return Estimate(cost, cost.detach(), 1)
+
+
+@register_estimator("gst-p")
+@dataclass(kw_only=True)
+class GSTP(GST):
+    """Gapped straight-through with the probability-dependent gap -log(1 - pi_d) / pi_d. Biased."""
+
+    description = "gapped straight-through, probability-dependent gap (GST-p)"
+
+    def _gap(self, probs_d: Tensor) -> Tensor:
+        shrunk = probs_d * (1 - 1e-5)  # keeps log(1 - pi_d) finite as pi_d -> 1
+        return -torch.log1p(-shrunk) / shrunk
+
+
+@register_estimator("gumbel-rao")
+@dataclass(kw_only=True)
+class GumbelRao(TemperatureSchedule, Estimator):
+    """Gumbel-Rao (GR-MCK): ST-Gumbel-Softmax Rao-Blackwellised over ``samples`` conditional
+    Gumbel draws. Biased (same mean as ST-GS); 1 evaluation of f."""
+
+    description = "Gumbel-Rao: Rao-Blackwellised ST-Gumbel-Softmax (GR-MCK)"
+    reparameterised = True
+
+    samples: int = hyper(10, ge=1, doc="conditional Gumbel draws K per estimate")
+
+    def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
+        latent, logits, f = as_categorical(latent, logits, f)
+        z = latent.sample(logits)
+        theta = logits.detach()
+        noise = conditional_gumbel(theta, z, (self.samples,)) - theta  # G^k, held fixed
+        relaxed = torch.softmax((logits + noise) / self.current_temperature(), -1).mean(0)
+        cost = f(straight_through(z, relaxed))
         return Estimate(cost, cost.detach(), 1)
