@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     p_show = sub.add_parser("show", help="summarise a run directory")
     p_show.add_argument("run_dir")
 
+    p_check = sub.add_parser("check", help="run the contract suite on one estimator")
+    p_check.add_argument("estimator", help="a registered estimator name")
+    p_check.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                         help="import MODULE (name or .py path) to register more components")
+    p_check.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="an estimator hyperparameter (TOML value), e.g. temperature=0.5")
+    p_check.add_argument("--samples", type=int, default=20_000,
+                         help="gradient estimates per bias test (default 20000)")
+
     p_report = sub.add_parser("report", help="write figures, report.html and summary.md")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                           help="a run directory, or two to compare side by side")
@@ -137,6 +146,39 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_params(pairs: list[str]) -> dict:
+    import tomllib
+
+    params = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise EstbenchError(f"--param must look like KEY=VALUE, got {pair!r}")
+        try:
+            params[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key.strip()] = raw  # a bare word is a string
+    return params
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from estbench.check import check_estimator
+    from estbench.registry import ESTIMATORS
+
+    if args.samples < 100:
+        raise EstbenchError(f"--samples must be >= 100, got {args.samples}")
+    cls = ESTIMATORS.get(args.estimator)
+    table, passed = check_estimator(args.estimator, _parse_params(args.param), args.samples)
+    claim = "claims unbiased" if cls.unbiased else "does not claim unbiasedness"
+    print(f"estimator '{args.estimator}' ({claim}); bias test: {args.samples} estimates per "
+          f"task, Bonferroni p-value of the largest |z| against the exact gradient > 0.001")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80,
+                           "display.float_format", "{:.3g}".format):
+        print(table.to_string(index=False))
+    print("verdict: " + ("PASS" if passed else "FAIL: a stated contract does not hold"))
+    return 0 if passed else 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
@@ -153,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         load_builtins()
         for plugin in getattr(args, "plugin", []):
             load_plugin(plugin)
-        commands = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show, "report": _cmd_report}
+        commands = {"list": _cmd_list, "run": _cmd_run, "show": _cmd_show, "check": _cmd_check,
+                    "report": _cmd_report}
         return commands[args.command](args)
     except EstbenchError as err:
         print(f"estbench: error: {err}", file=sys.stderr)

@@ -17,6 +17,10 @@ class SpecError(EstbenchError):
 
 
 def did_you_mean(value: str, known: Iterable[str]) -> str:
-    """Return ' Did you mean: x?' for the closest known name, or '' when nothing is close."""
-    close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.5)
-    return f" Did you mean: {close[0]}?" if close else ""
+    """' Did you mean: x, y?' with the known names that extend ``value`` or are close to it (at
+    most three, best first), or '' when nothing is close."""
+    known = list(known)
+    extending = sorted(k for k in known if k.startswith(value) and k != value)
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.6)
+    matches = list(dict.fromkeys(close + extending))[:3]
+    return f" Did you mean: {', '.join(matches)}?" if matches else ""

@@ -130,11 +130,11 @@ class _Relaxation(Estimator):
 
     @property
     def current_eta(self) -> float:
-        return float(self._state.tensors["eta"])
+        return float(self._state.tensors["eta"].detach())
 
     @property
     def current_temperature(self) -> float:
-        return float(self._state.tensors["log_temperature"].exp())
+        return float(self._state.tensors["log_temperature"].detach().exp())
 
     def _net(self, width: int, like: Tensor) -> nn.Module:
         net = self._state.modules.get("net")

@@ -145,7 +145,7 @@ def test_a_different_spec_into_the_same_directory_is_refused(tmp_path, capsys):
     "edit,pattern",
     [
         (("dim = 3", "dimm = 3"), "unknown parameter 'dimm' for task 'bernoulli-toy'. Did you mean: dim?"),
-        (('name = "reinforce"', 'name = "reinforc"'), "Unknown estimator 'reinforc'. Did you mean: reinforce?"),
+        (('name = "reinforce"', 'name = "reinforc"'), "Unknown estimator 'reinforc'. Did you mean: reinforce"),
         (('name = "bernoulli-toy"', 'name = "bernouli-toy"'), "Did you mean: bernoulli-toy?"),
         (("temperature = 0.5", "temperature = 0"), "temperature must be > 0.0, got 0"),
         (("temperature = 0.5", 'temperature = "low"'), "temperature must be a number, got 'low'"),
