@@ -133,7 +133,8 @@ class Latent:
         if self.kind == "bernoulli":
             logits = logits.expand(torch.broadcast_shapes(logits.shape, z.shape))
             return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(-1)
-        return (z * torch.log_softmax(logits, -1)).sum((-2, -1))
+        # sum_i [theta_i . z_i - logsumexp(theta_i)]: no [.., D, K] log-softmax is materialised
+        return (z * logits).sum((-2, -1)) - torch.logsumexp(logits, -1).sum(-1)
 
     def mean(self, logits: Tensor) -> Tensor:
         """E[z] (the mean-field point), same shape as ``logits``."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from estbench.contracts import Cost, Estimate, Estimator
 from estbench.latents import Latent, gumbel, logistic
+from estbench.pathwise import hard_forward, probs_jacobian_product
 from estbench.registry import register_estimator
 from estbench.schedules import TemperatureSchedule
 
@@ -45,6 +46,8 @@ class GumbelSoftmax(TemperatureSchedule, Estimator):
     relaxed_inputs = True
 
     def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
-        _, y = relaxed_sample(logits, latent, self.current_temperature())
-        cost = f(y)
+        tau = self.current_temperature()
+        _, y = relaxed_sample(logits.detach(), latent, tau)
+        # the relaxed sample y, with its Jacobian dy/dtheta = (1/tau) J(y) applied in closed form
+        cost = f(hard_forward(y, logits, lambda g: probs_jacobian_product(latent, y, g) / tau))
         return Estimate(cost, cost.detach(), 1)

@@ -43,6 +43,12 @@ from torch import Tensor
 from estbench.contracts import Cost, Estimate, Estimator
 from estbench.hyperparams import hyper
 from estbench.latents import Latent, as_categorical, conditional_gumbel, one_hot
+from estbench.pathwise import (
+    hard_forward,
+    probs_jacobian_product,
+    softmax_jacobian_product,
+    straight_through,
+)
 from estbench.registry import register_estimator
 from estbench.schedules import TemperatureSchedule
 from estimators.relaxed import relaxed_sample
@@ -54,19 +60,7 @@ __all__ = [
     "GST",
     "GSTP",
     "GumbelRao",
-    "straight_through",
-    "softmax_jacobian_product",
 ]
-
-
-def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
-    """Forward value ``hard``, gradient of ``soft``."""
-    return hard + soft - soft.detach()
-
-
-def softmax_jacobian_product(q: Tensor, v: Tensor) -> Tensor:
-    """J(q) v = q * v - q (q . v) over the last axis (J(q) = diag(q) - q q^T is symmetric)."""
-    return q * v - q * (q * v).sum(-1, keepdim=True)
 
 
 @register_estimator("straight-through")
@@ -79,7 +73,9 @@ class StraightThrough(TemperatureSchedule, Estimator):
 
     def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
         z = latent.sample(logits)
-        cost = f(straight_through(z, latent.probs(logits / self.current_temperature())))
+        tau = self.current_temperature()
+        p = latent.probs(logits.detach() / tau)
+        cost = f(hard_forward(z, logits, lambda g: probs_jacobian_product(latent, p, g) / tau))
         return Estimate(cost, cost.detach(), 1)
 
 
@@ -92,12 +88,13 @@ class STGumbelSoftmax(TemperatureSchedule, Estimator):
     reparameterised = True
 
     def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
-        perturbed, y = relaxed_sample(logits, latent, self.current_temperature())
+        tau = self.current_temperature()
+        perturbed, y = relaxed_sample(logits.detach(), latent, tau)
         if latent.kind == "bernoulli":
             z = (perturbed > 0).to(logits.dtype)
         else:
             z = one_hot(perturbed.argmax(-1), latent.categories, logits.dtype)
-        cost = f(straight_through(z.detach(), y))
+        cost = f(hard_forward(z, logits, lambda g: probs_jacobian_product(latent, y, g) / tau))
         return Estimate(cost, cost.detach(), 1)
 
 
@@ -116,11 +113,13 @@ class ReinMax(TemperatureSchedule, Estimator):
         latent, logits, f = as_categorical(latent, logits, f)
         z = latent.sample(logits)
         theta = logits.detach()
+        pi = torch.softmax(theta, -1)
         pi_tilde = 0.5 * (z + torch.softmax(theta / self.current_temperature(), -1))
-        # a function of theta whose Jacobian is 2 J(pi~) - 1/2 J(pi): the first term is linear in
-        # theta with J(pi~) held constant, the second is the softmax itself
-        surrogate_map = 2 * softmax_jacobian_product(pi_tilde, logits) - 0.5 * torch.softmax(logits, -1)
-        cost = f(straight_through(z, surrogate_map))
+
+        def backward(g: Tensor) -> Tensor:  # 2 J(pi~) g - 1/2 J(pi) g
+            return 2 * softmax_jacobian_product(pi_tilde, g) - 0.5 * softmax_jacobian_product(pi, g)
+
+        cost = f(hard_forward(z, logits, backward))
         return Estimate(cost, cost.detach(), 1)
 
 
@@ -135,7 +134,8 @@ class GST(TemperatureSchedule, Estimator):
     gap: float = hyper(1.0, gt=0.0, doc="every other logit ends at least this far below")
     detach: bool = hyper(True, doc="hold theta' - theta constant (see the module docstring)")
 
-    def _gap(self, probs_d: Tensor) -> Tensor | float:
+    def _gap(self, logits: Tensor, z: Tensor) -> Tensor | float:
+        """The gap for each variable, ``[..., D, 1]`` or a number."""
         return self.gap
 
     def _estimate(self, logits: Tensor, f: Cost, latent: Latent) -> Estimate:
@@ -143,14 +143,16 @@ class GST(TemperatureSchedule, Estimator):
         z = latent.sample(logits)
         source = logits.detach() if self.detach else logits
         top = source.max(-1, keepdim=True).values
-        probs_d = (torch.softmax(source, -1) * z).sum(-1, keepdim=True)
-        clipped = torch.minimum(source, top - self._gap(probs_d))
+        clipped = torch.minimum(source, top - self._gap(source, z))
         gapped = torch.where(z.bool(), top, clipped)
         gapped = gapped - gapped.mean(-1, keepdim=True)
-        if self.detach:
-            gapped = logits + (gapped - logits.detach())  # theta' with the shift held constant
-        p = torch.softmax(gapped / self.current_temperature(), -1)
-        cost = f(straight_through(z, p))
+        tau = self.current_temperature()
+        p = torch.softmax(gapped / tau, -1)
+        if self.detach:  # the shift theta' - theta held constant: d theta' / d theta = I
+            p = p.detach()
+            cost = f(hard_forward(z, logits, lambda g: softmax_jacobian_product(p, g) / tau))
+        else:
+            cost = f(straight_through(z, p))
         return Estimate(cost, cost.detach(), 1)
 
 
@@ -161,7 +163,8 @@ class GSTP(GST):
 
     description = "gapped straight-through, probability-dependent gap (GST-p)"
 
-    def _gap(self, probs_d: Tensor) -> Tensor:
+    def _gap(self, logits: Tensor, z: Tensor) -> Tensor:
+        probs_d = (torch.softmax(logits, -1) * z).sum(-1, keepdim=True)
         shrunk = probs_d * (1 - 1e-5)  # keeps log(1 - pi_d) finite as pi_d -> 1
         return -torch.log1p(-shrunk) / shrunk
 
@@ -181,7 +184,12 @@ class GumbelRao(TemperatureSchedule, Estimator):
         latent, logits, f = as_categorical(latent, logits, f)
         z = latent.sample(logits)
         theta = logits.detach()
-        noise = conditional_gumbel(theta, z, (self.samples,)) - theta  # G^k, held fixed
-        relaxed = torch.softmax((logits + noise) / self.current_temperature(), -1).mean(0)
-        cost = f(straight_through(z, relaxed))
+        tau = self.current_temperature()
+        # y^k = softmax((theta + G^k) / tau) with G^k = zeta^k - theta held fixed
+        y = torch.softmax(conditional_gumbel(theta, z, (self.samples,)) / tau, -1)
+
+        def backward(g: Tensor) -> Tensor:  # (1/K) sum_k (1/tau) J(y^k) g
+            return softmax_jacobian_product(y, g).mean(0) / tau
+
+        cost = f(hard_forward(z, logits, backward))
         return Estimate(cost, cost.detach(), 1)
