@@ -1,4 +1,4 @@
-"""Benchmark: the whole quick matrix (runs/quick.toml, 81 cells) with 1 and with 2 local workers.
+"""Benchmark: the whole quick matrix (runs/quick.toml, 189 cells) with 1 and with 2 local workers.
 
 Run with `make bench`. Target (README): under 5 minutes on 2 cores; the ratio of the two medians
 is the parallel speed-up of the local executor.
@@ -20,4 +20,4 @@ def test_quick_matrix(benchmark, tmp_path_factory, workers):
         return run_spec(spec, out, workers=workers)
 
     summary = benchmark.pedantic(run, rounds=2, iterations=1)
-    assert summary.ok and len(summary.done) == len(spec.cells())
+    assert summary.ok and len(summary.done) + len(summary.skipped) == len(spec.cells())
