@@ -61,7 +61,11 @@ def _combined(runs: list[Run]) -> pd.DataFrame:
     return add_labels(pd.concat(non_empty, ignore_index=True) if non_empty else frames[0])
 
 
-CURVE_LABELS = {"loss_exact": "exact expected cost L(θ)", "loss": "sampled cost f(z)"}
+CURVE_LABELS = {
+    "loss_exact": "exact expected cost L(θ)",
+    "loss": "sampled cost f(z)",
+    "grad_var_ema": "gradient variance along training (EMA 0.999)",
+}
 
 
 def _curve_metrics(results: pd.DataFrame) -> list[str]:
@@ -93,10 +97,11 @@ def build_figures(results: pd.DataFrame) -> dict[str, plt.Figure]:
         curve = panels.training_curve(results, metric)
         if curve.empty:
             continue
-        out[f"training_{metric}_steps"] = figures.plot_curves(
+        stem = metric.replace("/", "_")
+        out[f"training_{stem}_steps"] = figures.plot_curves(
             curve, x="step", ylabel=ylabel, title=f"{metric} against steps (95% band over seeds)")
         if curve["wall_time_s"].notna().any():
-            out[f"training_{metric}_wallclock"] = figures.plot_curves(
+            out[f"training_{stem}_wallclock"] = figures.plot_curves(
                 curve.dropna(subset=["wall_time_s"]), x="wall_time_s", ylabel=ylabel,
                 title=f"{metric} against training wall-clock (95% band over seeds)")
     thr = panels.throughput_table(results)

@@ -135,9 +135,21 @@ class Task(HyperParams, abc.ABC):
         """Draw the task's fixed constants (if any) and return fresh initial parameters (leaf
         tensors with ``requires_grad=True``)."""
 
+    #: True when gradient quality should also be measured w.r.t. the logits themselves
+    logits_metrics: ClassVar[bool] = False
+
     def sample_batch(self, generator: torch.Generator) -> Any:
         """A training batch (``None`` for tasks without data)."""
         return None
+
+    def gradient_batch(self, generator: torch.Generator) -> Any:
+        """The fixed batch on which gradient quality is measured (default: a training batch)."""
+        return self.sample_batch(generator)
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named subsets of the parameters (e.g. ``{"encoder": [...]}``) whose gradient quality
+        is reported separately, as ``<group>/grad_*`` metrics."""
+        return {}
 
     @abc.abstractmethod
     def logits(self, params: Params, batch: Any) -> Tensor:

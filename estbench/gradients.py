@@ -11,7 +11,7 @@ from the same distribution (the estimator's own randomness, from the ambient gen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,8 +20,27 @@ from torch.func import vmap
 
 from estbench.contracts import Cost, Estimator, Params, Task
 from estbench.errors import EstbenchError
+from estbench.latents import expectation_by_enumeration
 
-__all__ = ["sample_gradients", "flatten", "reference_gradient", "METHODS"]
+__all__ = [
+    "sample_gradients",
+    "stream_draws",
+    "auto_chunk",
+    "flatten",
+    "reference_gradient",
+    "reference_logits_gradient",
+    "parameter_slices",
+    "METHODS",
+]
+
+
+def parameter_slices(params: Params) -> dict[str, slice]:
+    """Where each parameter lies in the flattened gradient vector."""
+    out, start = {}, 0
+    for name, p in params.items():
+        out[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return out
 
 METHODS = ("auto", "batched", "loop")
 
@@ -37,6 +56,21 @@ def reference_gradient(task: Task, params: Params, batch: Any) -> Tensor | None:
     if exact is None:
         return None
     return flatten({name: g.detach() for name, g in exact.items()}, list(params))
+
+
+def reference_logits_gradient(task: Task, params: Params, batch: Any) -> Tensor | None:
+    """Exact gradient of E_{z ~ q(logits)} f(z) w.r.t. the logits tensor ``[*batch, *event]``
+    flattened (f held fixed), by enumeration; ``None`` when the space is too large."""
+    if task.latent.num_states > task.max_enumeration_states:
+        return None
+    detached = {k: v.detach() for k, v in params.items()}
+    with torch.enable_grad():
+        logits = task.logits(detached, batch).detach().requires_grad_(True)
+        value = expectation_by_enumeration(
+            task.latent, logits, task.cost(detached, batch), task.max_enumeration_states
+        ).sum() / task.latent.batch_shape(logits).numel()
+        (grad,) = torch.autograd.grad(value, logits)
+    return grad.reshape(-1)
 
 
 def _replicated_cost(task: Task, replicas: Params, batch: Any, tail_ndim: int) -> Cost:
@@ -68,36 +102,77 @@ def _batched(
         f = task.cost(params, batch)
     estimate = estimator.estimate(logits, f, task.latent)
     loss = estimate.surrogate.reshape(count, -1).mean(1).sum()
-    grads = torch.autograd.grad(loss, [replicas[n] for n in names], allow_unused=True)
-    return torch.cat(
+    grads = torch.autograd.grad(loss, [replicas[n] for n in names] + [logits], allow_unused=True)
+    flat = torch.cat(
         [
             (torch.zeros_like(replicas[n]) if g is None else g).reshape(count, -1)
-            for n, g in zip(names, grads)
+            for n, g in zip(names, grads[:-1])
         ],
         dim=1,
     )
+    logits_grad = torch.zeros_like(logits) if grads[-1] is None else grads[-1]
+    return flat, logits_grad.reshape(count, -1)
 
 
 def _loop(task: Task, estimator: Estimator, params: Params, batch: Any, count: int) -> Tensor:
     names = list(params)
     rows = []
+    logit_rows = []
     for _ in range(count):
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-        estimate = estimator.estimate(
-            task.logits(leaves, batch), task.cost(leaves, batch), task.latent
-        )
+        logits = task.logits(leaves, batch)
+        estimate = estimator.estimate(logits, task.cost(leaves, batch), task.latent)
         grads = torch.autograd.grad(
-            estimate.surrogate.mean(), [leaves[n] for n in names], allow_unused=True
+            estimate.surrogate.mean(), [leaves[n] for n in names] + [logits], allow_unused=True
         )
         rows.append(
             torch.cat(
                 [
                     (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
-                    for n, g in zip(names, grads)
+                    for n, g in zip(names, grads[:-1])
                 ]
             )
         )
-    return torch.stack(rows)
+        logit_rows.append((torch.zeros_like(logits) if grads[-1] is None else grads[-1]).reshape(-1))
+    return torch.stack(rows), torch.stack(logit_rows)
+
+
+#: memory for replicated parameters, their gradients and working copies in one batched pass
+REPLICA_BUDGET_BYTES = 1 << 30
+
+
+def auto_chunk(params: Params, budget: int = REPLICA_BUDGET_BYTES) -> int:
+    """Replicas per batched pass so that about ``budget`` bytes hold their parameters (four
+    copies: the replicas, their gradients and autograd's working tensors); toy tasks get their
+    thousands at once, a network of a million parameters a few dozen."""
+    per_replica = sum(p.numel() * p.element_size() for p in params.values()) * 4
+    return max(1, budget // max(per_replica, 1))
+
+
+def stream_draws(
+    task: Task,
+    estimator: Estimator,
+    params: Params,
+    batch: Any,
+    num_samples: int,
+    *,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Chunks of independent draws: (gradients w.r.t. the parameters ``[m, P]``, gradients
+    w.r.t. the logits ``[m, L]``), ``num_samples`` draws in all. Estimator state is frozen."""
+    if method not in METHODS:
+        raise EstbenchError(f"gradient method must be one of {METHODS}, got {method!r}")
+    if num_samples < 1:
+        raise EstbenchError(f"gradient_samples must be >= 1, got {num_samples}")
+    if method == "auto":
+        method = "batched" if estimator.vectorisable else "loop"
+    draw = _batched if method == "batched" else _loop
+    chunk = max(1, min(chunk_size or auto_chunk(params), num_samples))
+    for start in range(0, num_samples, chunk):
+        with torch.enable_grad():
+            grads, logit_grads = draw(task, estimator, params, batch, min(chunk, num_samples - start))
+        yield grads.detach(), logit_grads.detach()
 
 
 def sample_gradients(
@@ -109,23 +184,19 @@ def sample_gradients(
     *,
     method: str = "auto",
     chunk_size: int | None = None,
-) -> Tensor:
-    """``num_samples`` independent estimates of ``grad_params E[f]``, flattened: ``[M, P]``.
+    with_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``num_samples`` independent estimates of ``grad_params E[f]``, flattened: ``[M, P]``;
+    with ``with_logits`` also the same draws' gradients w.r.t. the logits tensor ``[M, L]``.
 
-    method: 'batched' (replicas in one pass, in chunks of ``chunk_size``), 'loop' (one draw at a
-    time), or 'auto' (batched when the estimator is ``vectorisable``). Estimator state is frozen.
+    method: 'batched' (replicas in one pass, in chunks of ``chunk_size``; default from a memory
+    budget, :func:`auto_chunk`), 'loop' (one draw at a time), or 'auto' (batched when the
+    estimator is ``vectorisable``). Estimator state is frozen. All M x P values are kept: for
+    large models use :func:`stream_draws` with :class:`~estbench.metrics.StreamingGradientMetrics`.
     """
-    if method not in METHODS:
-        raise EstbenchError(f"gradient method must be one of {METHODS}, got {method!r}")
-    if num_samples < 1:
-        raise EstbenchError(f"gradient_samples must be >= 1, got {num_samples}")
-    if method == "auto":
-        method = "batched" if estimator.vectorisable else "loop"
-    draw = _batched if method == "batched" else _loop
-    chunk = num_samples if chunk_size is None else max(1, min(chunk_size, num_samples))
-    with torch.enable_grad():
-        parts = [
-            draw(task, estimator, params, batch, min(chunk, num_samples - start))
-            for start in range(0, num_samples, chunk)
-        ]
-    return torch.cat(parts).detach()
+    parts = list(stream_draws(task, estimator, params, batch, num_samples, method=method,
+                              chunk_size=chunk_size))
+    grads = torch.cat([p for p, _ in parts])
+    if with_logits:
+        return grads, torch.cat([g for _, g in parts])
+    return grads

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["MetricValue", "gradient_metrics", "GRADIENT_METRICS"]
+__all__ = ["MetricValue", "gradient_metrics", "StreamingGradientMetrics", "GRADIENT_METRICS"]
 
 GRADIENT_METRICS = (
     "grad_var_total",
@@ -74,68 +74,147 @@ def _trace_cov_squared(centred: Tensor) -> Tensor:
     return (gram**2).sum() / (m - 1) ** 2
 
 
+class _Stats(NamedTuple):
+    """Sufficient statistics of M draws for the metrics (exact or streamed)."""
+
+    m: int
+    mean: Tensor  # [P]
+    s2: Tensor  # [P] unbiased per-coordinate variance
+    spread: Tensor  # samples whose mean is tr Sigma (for its interval)
+    sq_err: Tensor | None  # [M] ||g_m - g*||^2
+    cosines: Tensor | None  # [M] cos(g_m, g*)
+    diff_cov_diff: Tensor | None  # diff^T Sigma diff
+    tr_cov_sq: Tensor  # tr(Sigma^2)
+
+
+def _from_stats(st: _Stats, reference: Tensor | None, reference_var: Tensor | None,
+                level: float) -> list[MetricValue]:
+    z = _z_quantile(level)
+    m, p = st.m, st.mean.shape[0]
+    total = st.s2.sum()
+    spread_ci = _mean_ci(st.spread, "grad_var_total", z)
+    half_total = (spread_ci.ci_high - spread_ci.ci_low) / 2  # the SE of tr Sigma, from the spread
+    var_total = MetricValue("grad_var_total", float(total), float(total) - half_total,
+                            float(total) + half_total)
+    out = [
+        var_total,
+        MetricValue("grad_var_mean", var_total.value / p, var_total.ci_low / p, var_total.ci_high / p),
+        MetricValue("grad_snr", float(st.mean.norm() / total.sqrt()) if total > 0 else math.inf),
+    ]
+    if reference is None:
+        return out
+    ref = reference.detach().to(torch.float64).reshape(-1)
+    r = torch.zeros_like(ref) if reference_var is None else reference_var.to(torch.float64)
+    diff = st.mean - ref
+    ref_norm = float(ref.norm())
+    noise_sq = float((diff**2).sum() - total / m - r.sum())
+    cov_diff = st.diff_cov_diff / m + (diff**2 * r).sum()
+    tr_sq = st.tr_cov_sq / m**2 + (r**2).sum() + 2 * (st.s2 * r).sum() / m
+    half = z * math.sqrt(max(float(4 * cov_diff + 2 * tr_sq), 0.0))
+    bias = math.sqrt(max(noise_sq, 0.0))
+    bias_lo = math.sqrt(max(noise_sq - half, 0.0))
+    bias_hi = math.sqrt(max(noise_sq + half, 0.0))
+    eps = 1e-5 * float(ref.abs().max()) + 1e-12
+    z_max = float((diff.abs() / (st.s2 / m + r + eps**2).sqrt()).max())
+    tail = float(torch.special.erfc(torch.tensor(z_max / math.sqrt(2), dtype=torch.float64)))
+    mean_norm = float(st.mean.norm())
+    cosine = float(st.mean @ ref) / (mean_norm * ref_norm) if mean_norm * ref_norm > 0 else NAN
+    rel = (lambda x: x / ref_norm) if ref_norm > 0 else (lambda x: NAN)
+    out += [
+        MetricValue("grad_bias_norm", bias, bias_lo, bias_hi),
+        MetricValue("grad_rel_bias", rel(bias), rel(bias_lo), rel(bias_hi)),
+        MetricValue("grad_bias_z", z_max),
+        MetricValue("grad_bias_pvalue", min(1.0, p * tail)),
+        _mean_ci(st.sq_err, "grad_mse", z),
+        MetricValue("grad_cosine", cosine),
+        _mean_ci(st.cosines, "grad_cosine_mean", z),
+        MetricValue("grad_ref_norm", ref_norm),
+    ]
+    return out
+
+
+def _per_sample(g: Tensor, ref: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    if ref is None:
+        return None, None
+    norms = g.norm(dim=1)
+    dots = g @ ref
+    ref_norm = ref.norm()
+    cosines = torch.where(norms > 0, dots / (norms * ref_norm).clamp_min(1e-300),
+                          torch.zeros_like(norms))
+    return (g - ref).pow(2).sum(1), cosines
+
+
 def gradient_metrics(
     samples: Tensor,
     reference: Tensor | None,
     reference_var: Tensor | None = None,
     level: float = 0.95,
 ) -> list[MetricValue]:
-    """All gradient-quality metrics for ``samples [M, P]`` against ``reference [P]``.
-
-    Without a reference only the variance metrics and the SNR are returned.
-    """
+    """All gradient-quality metrics for stored draws ``samples [M, P]`` against ``reference [P]``
+    (exact covariance terms). Without a reference only the variance metrics and the SNR."""
     g = samples.detach().to(torch.float64)
-    m, p = g.shape
-    z = _z_quantile(level)
+    m = g.shape[0]
     mean = g.mean(0)
     centred = g - mean
     s2 = centred.pow(2).sum(0) / max(m - 1, 1)
-    total = s2.sum()
     spread = centred.pow(2).sum(1) * (m / max(m - 1, 1))
-    var_total = _mean_ci(spread, "grad_var_total", z)._replace(value=float(total))
-    out = [
-        var_total,
-        MetricValue("grad_var_mean", var_total.value / p, var_total.ci_low / p, var_total.ci_high / p),
-        MetricValue("grad_snr", float(mean.norm() / total.sqrt()) if total > 0 else math.inf),
-    ]
-    if reference is None:
-        return out
+    ref = None if reference is None else reference.detach().to(torch.float64).reshape(-1)
+    sq_err, cosines = _per_sample(g, ref)
+    diff_cov_diff = None
+    if ref is not None:
+        diff_cov_diff = (centred @ (mean - ref)).pow(2).sum() / max(m - 1, 1)
+    stats = _Stats(m, mean, s2, spread, sq_err, cosines, diff_cov_diff, _trace_cov_squared(centred))
+    return _from_stats(stats, reference, reference_var, level)
 
-    ref = reference.detach().to(torch.float64).reshape(-1)
-    r = torch.zeros_like(ref) if reference_var is None else reference_var.to(torch.float64)
-    diff = mean - ref
-    ref_norm = float(ref.norm())
 
-    noise_sq = float((diff**2).sum() - total / m - r.sum())
-    cov_diff = (centred @ diff).pow(2).sum() / max(m - 1, 1) / m + (diff**2 * r).sum()
-    tr_sq = _trace_cov_squared(centred) / m**2 + (r**2).sum() + 2 * (s2 * r).sum() / m
-    half = z * math.sqrt(max(float(4 * cov_diff + 2 * tr_sq), 0.0))
-    bias = math.sqrt(max(noise_sq, 0.0))
-    bias_lo = math.sqrt(max(noise_sq - half, 0.0))
-    bias_hi = math.sqrt(max(noise_sq + half, 0.0))
+class StreamingGradientMetrics:
+    """The same metrics from draws that arrive in chunks, in O(P + M) memory, for models whose
+    M x P draws do not fit: sums of g and g^2 per coordinate, and per draw ||g_m - g*||^2 and
+    cos(g_m, g*) (exact). Within each chunk, disjoint pairs give d = g_a - g_b with covariance
+    2 Sigma: ||d||^2 / 2 estimates tr Sigma (its interval), and (d_1 . d_2)^2 / 4 over pairs of
+    pairs estimates tr(Sigma^2) without the mean. The delta-method term diff^T Sigma diff of the
+    bias interval uses the diagonal of Sigma (the only approximation).
 
-    eps = 1e-5 * float(ref.abs().max()) + 1e-12
-    zscores = diff.abs() / (s2 / m + r + eps**2).sqrt()
-    z_max = float(zscores.max())
-    tail = float(torch.special.erfc(torch.tensor(z_max / math.sqrt(2), dtype=torch.float64)))
-    pvalue = min(1.0, p * tail)
+    ``reference`` must be known before the draws (it is needed per draw).
+    """
 
-    sq_err = (g - ref).pow(2).sum(1)
-    norms = g.norm(dim=1)
-    cosines = torch.where(
-        norms > 0, (g @ ref) / (norms * ref_norm).clamp_min(1e-300), torch.zeros_like(norms)
-    )
-    mean_norm = float(mean.norm())
-    cosine = float(mean @ ref) / (mean_norm * ref_norm) if mean_norm * ref_norm > 0 else NAN
-    rel = (lambda x: x / ref_norm) if ref_norm > 0 else (lambda x: NAN)
-    out += [
-        MetricValue("grad_bias_norm", bias, bias_lo, bias_hi),
-        MetricValue("grad_rel_bias", rel(bias), rel(bias_lo), rel(bias_hi)),
-        MetricValue("grad_bias_z", z_max),
-        MetricValue("grad_bias_pvalue", pvalue),
-        _mean_ci(sq_err, "grad_mse", z),
-        MetricValue("grad_cosine", cosine),
-        _mean_ci(cosines, "grad_cosine_mean", z),
-        MetricValue("grad_ref_norm", ref_norm),
-    ]
-    return out
+    def __init__(self, reference: Tensor | None) -> None:
+        self.reference = None if reference is None else reference.detach().double().reshape(-1)
+        self.m = 0
+        self.sum = self.sum_sq = None
+        self.sq_err, self.cosines, self.pair_var, self.pair_tr_sq = [], [], [], []
+
+    def add(self, chunk: Tensor) -> None:
+        g = chunk.detach().double()
+        if self.sum is None:
+            self.sum, self.sum_sq = torch.zeros(g.shape[1], dtype=g.dtype), torch.zeros(
+                g.shape[1], dtype=g.dtype)
+        self.sum += g.sum(0)
+        self.sum_sq += g.pow(2).sum(0)
+        self.m += g.shape[0]
+        sq_err, cosines = _per_sample(g, self.reference)
+        if sq_err is not None:
+            self.sq_err.append(sq_err)
+            self.cosines.append(cosines)
+        pairs = g.shape[0] // 2
+        if pairs:
+            d = g[: 2 * pairs: 2] - g[1: 2 * pairs: 2]  # independent draws: Cov d = 2 Sigma
+            self.pair_var.append(d.pow(2).sum(1) / 2)
+            quads = pairs // 2
+            if quads:
+                self.pair_tr_sq.append((d[: 2 * quads: 2] * d[1: 2 * quads: 2]).sum(1).pow(2) / 4)
+
+    def metrics(self, reference_var: Tensor | None = None, level: float = 0.95
+                ) -> list[MetricValue]:
+        m = self.m
+        mean = self.sum / m
+        s2 = ((self.sum_sq - m * mean.pow(2)) / max(m - 1, 1)).clamp_min(0)
+        spread = torch.cat(self.pair_var) if self.pair_var else s2.sum().reshape(1)
+        tr_sq = torch.cat(self.pair_tr_sq).mean() if self.pair_tr_sq else s2.sum().pow(2)
+        diff_cov_diff = None
+        sq_err = cosines = None
+        if self.reference is not None:
+            diff_cov_diff = ((mean - self.reference).pow(2) * s2).sum()
+            sq_err, cosines = torch.cat(self.sq_err), torch.cat(self.cosines)
+        stats = _Stats(m, mean, s2, spread, sq_err, cosines, diff_cov_diff, tr_sq)
+        return _from_stats(stats, self.reference, reference_var, level)

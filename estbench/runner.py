@@ -21,11 +21,17 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from estbench.contracts import Estimator, Params, Task
 from estbench.errors import EstbenchError
-from estbench.gradients import reference_gradient, sample_gradients
-from estbench.metrics import MetricValue, gradient_metrics
+from estbench.gradients import (
+    parameter_slices,
+    reference_gradient,
+    reference_logits_gradient,
+    stream_draws,
+)
+from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics
 from estbench.provenance import provenance
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure, Spec
@@ -78,19 +84,127 @@ def build(cell: Cell) -> tuple[Task, Estimator]:
     return task, estimator
 
 
+#: above this many stored values (M x P), gradient metrics are streamed instead of exact
+EXACT_METRICS_MAX_VALUES = 50_000_000
+
+
+def _moments(task: Task, estimator: Estimator, params: Params, batch: Any, count: int,
+             measure: Measure) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean and variance-of-the-mean of ``count`` draws (parameters, logits), streamed."""
+    sums = [None, None, None, None]
+    for grads, logit_grads in stream_draws(task, estimator, params, batch, count,
+                                           chunk_size=measure.gradient_chunk or None):
+        for i, x in enumerate((grads.double(), logit_grads.double())):
+            sums[2 * i] = x.sum(0) if sums[2 * i] is None else sums[2 * i] + x.sum(0)
+            sq = x.pow(2).sum(0)
+            sums[2 * i + 1] = sq if sums[2 * i + 1] is None else sums[2 * i + 1] + sq
+    out = []
+    for total, total_sq in ((sums[0], sums[1]), (sums[2], sums[3])):
+        mean = total / count
+        variance = ((total_sq - count * mean.pow(2)) / max(count - 1, 1)).clamp_min(0)
+        out += [mean, variance / count]
+    return tuple(out)
+
+
+def _reference(task: Task, params: Params, batch: Any, measure: Measure,
+               ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(g*, its variance, g*_logits, its variance): exact where the task has it, else the mean of
+    ``reference_samples`` draws of an unbiased estimator (variance = per-coordinate SE^2)."""
+    exact = reference_gradient(task, params, batch)
+    exact_logits = reference_logits_gradient(task, params, batch) if task.logits_metrics else None
+    if exact is not None:
+        return exact, None, exact_logits, None
+    count = measure.reference_samples or 10 * measure.gradient_samples
+    estimator = ESTIMATORS.get(measure.reference_estimator)()
+    mean, var, logit_mean, logit_var = _moments(task, estimator, params, batch, count, measure)
+    if exact_logits is not None:
+        logit_mean, logit_var = exact_logits, None
+    return mean, var, logit_mean, logit_var
+
+
+def _prefixed(prefix: str, values: list[MetricValue]) -> list[MetricValue]:
+    return [v._replace(metric=prefix + v.metric) for v in values]
+
+
+def _subset(x: Tensor | None, index: Tensor | None) -> Tensor | None:
+    return None if x is None or index is None else x[..., index]
+
+
 def _gradient_phase(
     task: Task, estimator: Estimator, params: Params, measure: Measure,
     generator: torch.Generator, step: int,
 ) -> list[dict[str, Any]]:
-    batch = task.sample_batch(generator)
-    samples = sample_gradients(
-        task, estimator, params, batch, measure.gradient_samples,
-        method=measure.gradient_method, chunk_size=measure.gradient_chunk,
-    )
-    if not torch.isfinite(samples).all():
-        raise NonFiniteError(f"non-finite gradient estimate at step {step}")
-    reference = reference_gradient(task, params, batch)
-    return _records("gradient", step, gradient_metrics(samples, reference))
+    """Gradient quality at fixed parameters for all parameters, each parameter group and (where
+    the task asks) the logits: exact metrics from stored draws when they are small, streamed
+    statistics otherwise."""
+    batch = task.gradient_batch(generator)
+    reference, reference_var, logit_ref, logit_ref_var = _reference(task, params, batch, measure)
+    slices = parameter_slices(params)
+    views: dict[str, tuple[Tensor | None, bool]] = {"": (None, False)}
+    for group, names in task.parameter_groups().items():
+        index = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+        views[f"{group}/"] = (index, False)
+    if task.logits_metrics:
+        views["logits/"] = (None, True)
+    total = sum(p.numel() for p in params.values())
+    exact = measure.gradient_samples * total <= EXACT_METRICS_MAX_VALUES
+    streams, stored = {}, {key: [] for key in views}
+    for key, (index, is_logits) in views.items():
+        ref = logit_ref if is_logits else (reference if index is None else _subset(reference, index))
+        streams[key] = StreamingGradientMetrics(ref)
+    for grads, logit_grads in stream_draws(
+            task, estimator, params, batch, measure.gradient_samples,
+            method=measure.gradient_method, chunk_size=measure.gradient_chunk or None):
+        if not torch.isfinite(grads).all():
+            raise NonFiniteError(f"non-finite gradient estimate at step {step}")
+        for key, (index, is_logits) in views.items():
+            part = logit_grads if is_logits else (grads if index is None else grads[:, index])
+            if exact:
+                stored[key].append(part)
+            else:
+                streams[key].add(part)
+    values: list[MetricValue] = []
+    for key, (index, is_logits) in views.items():
+        ref, ref_var = (logit_ref, logit_ref_var) if is_logits else (
+            (reference, reference_var) if index is None
+            else (_subset(reference, index), _subset(reference_var, index)))
+        if exact:
+            metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var)
+        else:
+            metrics = streams[key].metrics(ref_var)
+        values += _prefixed(key, metrics)
+    if reference_var is not None:
+        values.append(MetricValue("grad_ref_se_norm", float(reference_var.sum().sqrt())))
+    return _records("gradient", step, values)
+
+
+class TrajectoryVariance:
+    """Exponential moving averages (decay beta, bias-corrected) of the training gradient g and
+    of g^2, per coordinate: the variance along training used by REBAR and DisARM, reported as
+    the mean over coordinates of E[g^2] - E[g]^2."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.steps = 0
+        self.mean: Tensor | None = None
+        self.square: Tensor | None = None
+
+    def add(self, gradient: Tensor) -> None:
+        g = gradient.detach().double()
+        if self.mean is None:
+            self.mean, self.square = torch.zeros_like(g), torch.zeros_like(g)
+        self.mean.mul_(self.decay).add_(g, alpha=1 - self.decay)
+        self.square.mul_(self.decay).add_(g * g, alpha=1 - self.decay)
+        self.steps += 1
+
+    def value(self, index: Tensor | None = None) -> float:
+        if self.mean is None:
+            return float("nan")
+        correction = 1 - self.decay**self.steps
+        mean, square = self.mean / correction, self.square / correction
+        if index is not None:
+            mean, square = mean[index], square[index]
+        return float((square - mean * mean).clamp_min(0).mean())
 
 
 def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str, Any]]:
@@ -106,23 +220,31 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
     train_time = 0.0
     window: list[torch.Tensor] = []
 
+    trajectory = TrajectoryVariance(measure.ema_decay)
+    slices = parameter_slices(params)
+    groups = {g: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+              for g, names in task.parameter_groups().items()}
+    eval_every = measure.eval_every or measure.log_every
     for step in range(measure.steps + 1):
         if step in checkpoints:
             estimator.train(False)
             records += _gradient_phase(task, estimator, params, measure, generator, step)
-        if step % measure.log_every == 0 or step == measure.steps:
+        last = step == measure.steps
+        if step % measure.log_every == 0 or last:
+            logged = [MetricValue("wall_time_s", train_time)]
             if window:
                 loss = float(torch.stack(window).mean())
                 if not math.isfinite(loss):
                     raise NonFiniteError(f"non-finite training loss before step {step}")
-                records += _records("train", step, [MetricValue("loss", loss)])
+                logged.append(MetricValue("loss", loss))
+                logged.append(MetricValue("grad_var_ema", trajectory.value()))
+                logged += [MetricValue(f"{g}/grad_var_ema", trajectory.value(i))
+                           for g, i in groups.items()]
                 window = []
+            records += _records("train", step, logged)
+        if step % eval_every == 0 or last:
             evaluation = task.evaluate(params, generator)
-            records += _records(
-                "train", step,
-                [MetricValue(k, v) for k, v in evaluation.items()]
-                + [MetricValue("wall_time_s", train_time)],
-            )
+            records += _records("train", step, [MetricValue(k, v) for k, v in evaluation.items()])
         if step == measure.steps:
             break
         started = time.perf_counter()
@@ -139,6 +261,9 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
         _sync(target)
         train_time += time.perf_counter() - started
         window.append(estimate.value.detach().mean())
+        trajectory.add(torch.cat([p.grad.reshape(-1) if p.grad is not None
+                                  else torch.zeros(p.numel(), device=p.device)
+                                  for p in params.values()]))
 
     if measure.throughput:
         estimator.train(True)  # time what a training step pays; update() is never called here

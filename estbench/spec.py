@@ -43,7 +43,11 @@ class Measure:
     lr: float = 0.01
     log_every: int = 10
     gradient_method: str = "auto"
-    gradient_chunk: int = 1000
+    gradient_chunk: int = 0
+    reference_estimator: str = "rloo"
+    reference_samples: int = 0
+    ema_decay: float = 0.999
+    eval_every: int = 0
     throughput: bool = True
     throughput_min_time: float = 0.2
 
@@ -110,7 +114,8 @@ def _parse_measure(table: Any) -> Measure:
                 f"Known keys: {', '.join(known)}"
             )
     values = dict(table)
-    ints = ("gradient_samples", "steps", "log_every", "gradient_chunk")
+    ints = ("gradient_samples", "steps", "log_every", "gradient_chunk", "reference_samples",
+            "eval_every")
     for key in ints:
         if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
             raise _type_error("[measure]", key, "an integer", values[key])
@@ -129,14 +134,30 @@ def _parse_measure(table: Any) -> Measure:
         ):
             raise _type_error("[measure]", "checkpoints", "a list of steps >= 0", cps)
         values["checkpoints"] = tuple(sorted(set(cps)))
+    if "ema_decay" in values:
+        v = values["ema_decay"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise _type_error("[measure]", "ema_decay", "a number in [0, 1)", v)
+        values["ema_decay"] = float(v)
     measure = Measure(**values)
+    if measure.reference_samples < 0 or measure.eval_every < 0:
+        raise _type_error("[measure]", "reference_samples / eval_every", "integers >= 0",
+                          (measure.reference_samples, measure.eval_every))
+    reference = ESTIMATORS.get(measure.reference_estimator)
+    if not reference.unbiased:
+        raise SpecError(
+            f"[measure]: reference_estimator must be unbiased, '{measure.reference_estimator}' "
+            f"is not; use e.g. rloo or reinforce"
+        )
     if measure.gradient_samples < 2:
         raise _type_error("[measure]", "gradient_samples", "an integer >= 2", measure.gradient_samples)
     if measure.steps < 0:
         raise _type_error("[measure]", "steps", "an integer >= 0", measure.steps)
-    for key in ("log_every", "gradient_chunk"):
-        if getattr(measure, key) < 1:
-            raise _type_error("[measure]", key, "an integer >= 1", getattr(measure, key))
+    if measure.log_every < 1:
+        raise _type_error("[measure]", "log_every", "an integer >= 1", measure.log_every)
+    if measure.gradient_chunk < 0:
+        raise _type_error("[measure]", "gradient_chunk", "an integer >= 0 (0: automatic)",
+                          measure.gradient_chunk)
     if measure.optimizer not in OPTIMIZERS:
         raise SpecError(
             f"[measure]: optimizer must be one of {', '.join(OPTIMIZERS)}, got "

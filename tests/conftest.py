@@ -7,7 +7,11 @@ enumeration.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +19,28 @@ import torch
 from torch import Tensor
 
 from estbench import Latent, Task, hyper, register_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data_fixtures import write_fixture_data  # noqa: E402
+
+#: the real datasets (../shared/data beside the checkout) when present, else tiny fixtures
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_IS_REAL = (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+if DATA_IS_REAL:
+    DATA_DIR = SHARED_DATA
+else:
+    DATA_DIR = write_fixture_data(Path(tempfile.mkdtemp(prefix="estbench-data-")))
+os.environ["ESTBENCH_DATA"] = str(DATA_DIR)
+
+#: small VAE configurations for the contract suite and the runner tests
+SMALL_VAE = {
+    "bernoulli-vae": {"latents": 3, "architecture": "linear", "batch_size": 4, "train_size": 100,
+                      "eval_size": 10, "eval_samples": 5, "gradient_batch_size": 2,
+                      "verify_checksums": DATA_IS_REAL},
+    "categorical-vae": {"latents": 2, "categories": 3, "batch_size": 4, "train_size": 100,
+                        "eval_size": 10, "eval_samples": 5, "gradient_batch_size": 2,
+                        "verify_checksums": DATA_IS_REAL},
+}
 
 
 @register_task("test-scaled")

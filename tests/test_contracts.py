@@ -17,6 +17,8 @@ from estbench.gradients import reference_gradient, sample_gradients
 from estbench.metrics import gradient_metrics
 from estbench.registry import ESTIMATORS, TASKS
 
+from conftest import SMALL_VAE
+
 ALPHA = 1e-3
 SMALL = {  # small configurations of every task, so that the suite stays fast
     "bernoulli-toy": {"dim": 3, "batch_size": 2},
@@ -24,6 +26,7 @@ SMALL = {  # small configurations of every task, so that the suite stays fast
     "polynomial": {"dim": 4, "batch_size": 3},
     "test-scaled": {},
     "test-encoder": {},
+    **SMALL_VAE,
 }
 
 
@@ -46,7 +49,9 @@ def _setup_checked(est_name, task_name):
 
 def _setup(est_name, task_name, seed=0, **task_overrides):
     task = TASKS.get(task_name).from_params({**SMALL.get(task_name, {}), **task_overrides})
-    params = task.init(torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    params = task.init(generator)
+    task.test_batch = task.sample_batch(generator)
     estimator = ESTIMATORS.get(est_name)()
     return task, estimator, params
 
@@ -54,9 +59,9 @@ def _setup(est_name, task_name, seed=0, **task_overrides):
 @pytest.mark.parametrize("est_name,task_name", list(_pairs()))
 def test_shapes_finiteness_and_gradient_flow(est_name, task_name):
     task, estimator, params = _setup_checked(est_name, task_name)
-    logits = task.logits(params, None)
+    logits = task.logits(params, task.test_batch)
     batch_shape = task.latent.batch_shape(logits)
-    estimate = estimator.estimate(logits, task.cost(params, None), task.latent)
+    estimate = estimator.estimate(logits, task.cost(params, task.test_batch), task.latent)
     assert estimate.surrogate.shape == batch_shape
     assert estimate.value.shape == batch_shape and not estimate.value.requires_grad
     assert isinstance(estimate.f_evals, int) and estimate.f_evals >= 1
@@ -72,7 +77,8 @@ def test_same_seed_same_numbers(est_name, task_name):
     def run():
         torch.manual_seed(7)
         task, estimator, params = _setup_checked(est_name, task_name)
-        est = estimator.estimate(task.logits(params, None), task.cost(params, None), task.latent)
+        batch = task.test_batch
+        est = estimator.estimate(task.logits(params, batch), task.cost(params, batch), task.latent)
         est.surrogate.mean().backward()
         return est.value, [p.grad.clone() for p in params.values()]
 

@@ -84,3 +84,26 @@ def test_reference_variance_widens_the_z_score():
         gradient_metrics(g, noisy_ref, reference_var=torch.full((3,), 0.04))
     )["grad_bias_z"].value
     assert strict > 5 > lenient
+
+
+def test_streaming_metrics_agree_with_the_exact_ones():
+    from estbench.metrics import StreamingGradientMetrics
+
+    bias = torch.tensor([0.05, -0.02, 0.0, 0.03], dtype=torch.float64)
+    g, truth = _draws(8000, bias, torch.tensor([0.2, 0.5, 1.0, 0.3], dtype=torch.float64))
+    exact = _as_dict(gradient_metrics(g, truth))
+    stream = StreamingGradientMetrics(truth)
+    for chunk in g.split(333):
+        stream.add(chunk)
+    streamed = _as_dict(stream.metrics())
+    for name in ("grad_var_total", "grad_bias_norm", "grad_bias_z", "grad_mse", "grad_cosine",
+                 "grad_cosine_mean", "grad_snr"):
+        assert streamed[name].value == pytest.approx(exact[name].value, rel=1e-9), name
+    width = exact["grad_var_total"].ci_high - exact["grad_var_total"].ci_low
+    streamed_width = streamed["grad_var_total"].ci_high - streamed["grad_var_total"].ci_low
+    # M/2 independent pairs instead of M centred draws: sqrt(2) wider, by construction
+    assert streamed_width / width == pytest.approx(2**0.5, rel=0.15)
+    true_total = float((torch.tensor([0.2, 0.5, 1.0, 0.3]) ** 2).sum())
+    for metrics in (exact, streamed):  # both intervals cover the truth
+        assert metrics["grad_bias_norm"].ci_low <= float(bias.norm()) <= metrics["grad_bias_norm"].ci_high
+        assert metrics["grad_var_total"].ci_low <= true_total <= metrics["grad_var_total"].ci_high

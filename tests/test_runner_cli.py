@@ -146,7 +146,7 @@ def test_a_different_spec_into_the_same_directory_is_refused(tmp_path, capsys):
     [
         (("dim = 3", "dimm = 3"), "unknown parameter 'dimm' for task 'bernoulli-toy'. Did you mean: dim?"),
         (('name = "reinforce"', 'name = "reinforc"'), "Unknown estimator 'reinforc'. Did you mean: reinforce"),
-        (('name = "bernoulli-toy"', 'name = "bernouli-toy"'), "Did you mean: bernoulli-toy?"),
+        (('name = "bernoulli-toy"', 'name = "bernouli-toy"'), "Did you mean: bernoulli-toy"),
         (("temperature = 0.5", "temperature = 0"), "temperature must be > 0.0, got 0"),
         (("temperature = 0.5", 'temperature = "low"'), "temperature must be a number, got 'low'"),
         (('baseline = ["none", "ema"]', 'baseline = "loo"\nsamples = 1'), "samples must be >= 2"),
@@ -219,3 +219,12 @@ def test_console_script_runs_the_plugin_example(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "fixed-baseline(b=0.0)" in done.stdout
     assert load_results(out)["estimator"].nunique() == 2
+
+
+def test_every_committed_spec_parses():
+    from pathlib import Path
+
+    specs = sorted(Path("runs").glob("*.toml"))
+    assert len(specs) >= 4
+    for path in specs:
+        assert load_spec(path).cells(), path
