@@ -204,11 +204,18 @@ class StreamingGradientMetrics:
             if quads:
                 self.pair_tr_sq.append((d[: 2 * quads: 2] * d[1: 2 * quads: 2]).sum(1).pow(2) / 4)
 
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """(mean, variance of the mean) per coordinate: a reference and its squared SE."""
+        m = self.m
+        mean = self.sum / m
+        variance = ((self.sum_sq - m * mean.pow(2)) / max(m - 1, 1)).clamp_min(0)
+        return mean, variance / m
+
     def metrics(self, reference_var: Tensor | None = None, level: float = 0.95
                 ) -> list[MetricValue]:
         m = self.m
-        mean = self.sum / m
-        s2 = ((self.sum_sq - m * mean.pow(2)) / max(m - 1, 1)).clamp_min(0)
+        mean, variance_of_mean = self.moments()
+        s2 = variance_of_mean * m
         spread = torch.cat(self.pair_var) if self.pair_var else s2.sum().reshape(1)
         tr_sq = torch.cat(self.pair_tr_sq).mean() if self.pair_tr_sq else s2.sum().pow(2)
         diff_cov_diff = None

@@ -90,20 +90,13 @@ EXACT_METRICS_MAX_VALUES = 50_000_000
 
 def _moments(task: Task, estimator: Estimator, params: Params, batch: Any, count: int,
              measure: Measure) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean and variance-of-the-mean of ``count`` draws (parameters, logits), streamed."""
-    sums = [None, None, None, None]
+    """Mean and variance-of-the-mean of ``count`` draws (parameters, then logits), streamed."""
+    stats, logit_stats = StreamingGradientMetrics(None), StreamingGradientMetrics(None)
     for grads, logit_grads in stream_draws(task, estimator, params, batch, count,
                                            chunk_size=measure.gradient_chunk or None):
-        for i, x in enumerate((grads.double(), logit_grads.double())):
-            sums[2 * i] = x.sum(0) if sums[2 * i] is None else sums[2 * i] + x.sum(0)
-            sq = x.pow(2).sum(0)
-            sums[2 * i + 1] = sq if sums[2 * i + 1] is None else sums[2 * i + 1] + sq
-    out = []
-    for total, total_sq in ((sums[0], sums[1]), (sums[2], sums[3])):
-        mean = total / count
-        variance = ((total_sq - count * mean.pow(2)) / max(count - 1, 1)).clamp_min(0)
-        out += [mean, variance / count]
-    return tuple(out)
+        stats.add(grads)
+        logit_stats.add(logit_grads)
+    return (*stats.moments(), *logit_stats.moments())
 
 
 def _reference(task: Task, params: Params, batch: Any, measure: Measure,

@@ -57,12 +57,22 @@ def _mlp(params: Params, prefix: str, x: Tensor, layers: int, activation) -> Ten
     return x
 
 
+@dataclass(kw_only=True)
 class _VAE(Task):
     """Shared data handling, likelihood and evaluation; subclasses define the latent layer."""
 
     cost_depends_on_params = True
     logits_metrics = True
     version = "1"
+
+    dataset: str = hyper("mnist", choices=DATASETS)
+    preprocess: str = hyper("dynamic", choices=PREPROCESS, doc="how grey levels become inputs")
+    data_dir: str | None = hyper(None, doc="data directory (default $ESTBENCH_DATA or ./data)")
+    train_size: int = hyper(0, ge=0, doc="use only the first N training images (0: all)")
+    eval_size: int = hyper(1000, ge=0, doc="images per split for evaluation (0: all)")
+    eval_samples: int = hyper(1000, ge=1, doc="m, samples per image for -ELBO_m and IWAE")
+    data_seed: int = hyper(0, ge=0, doc="seed of static binarisation and evaluation draws")
+    verify_checksums: bool = hyper(True, doc="check data files against published checksums")
 
     def _sizes(self) -> tuple[list[int], list[int]]:
         raise NotImplementedError
@@ -188,16 +198,8 @@ class BernoulliVAE(_VAE):
 
     latents: int = hyper(200, ge=1, doc="Bernoulli latent units")
     architecture: str = hyper("nonlinear", choices=("linear", "nonlinear"))
-    dataset: str = hyper("mnist", choices=DATASETS)
-    preprocess: str = hyper("dynamic", choices=PREPROCESS, doc="how grey levels become inputs")
-    data_dir: str | None = hyper(None, doc="data directory (default $ESTBENCH_DATA or ./data)")
     batch_size: int = hyper(50, ge=1)
-    train_size: int = hyper(0, ge=0, doc="use only the first N training images (0: all)")
-    eval_size: int = hyper(1000, ge=0, doc="images per split for evaluation (0: all)")
-    eval_samples: int = hyper(1000, ge=1, doc="m, samples per image for -ELBO_m and IWAE")
     gradient_batch_size: int = hyper(16, ge=1, doc="fixed batch for gradient quality")
-    data_seed: int = hyper(0, ge=0, doc="seed of static binarisation and evaluation draws")
-    verify_checksums: bool = hyper(True, doc="check data files against published checksums")
 
     @property
     def latent(self) -> Latent:
@@ -237,16 +239,8 @@ class CategoricalVAE(_VAE):
     latents: int = hyper(20, ge=1, doc="categorical latent variables L")
     categories: int = hyper(10, ge=2, doc="categories C per variable")
     prior: str = hyper("uniform", choices=("uniform", "learned"))
-    dataset: str = hyper("mnist", choices=DATASETS)
-    preprocess: str = hyper("dynamic", choices=PREPROCESS, doc="how grey levels become inputs")
-    data_dir: str | None = hyper(None, doc="data directory (default $ESTBENCH_DATA or ./data)")
     batch_size: int = hyper(100, ge=1)
-    train_size: int = hyper(0, ge=0, doc="use only the first N training images (0: all)")
-    eval_size: int = hyper(1000, ge=0, doc="images per split for evaluation (0: all)")
-    eval_samples: int = hyper(1000, ge=1, doc="m, samples per image for -ELBO_m and IWAE")
     gradient_batch_size: int = hyper(8, ge=1, doc="fixed batch for gradient quality")
-    data_seed: int = hyper(0, ge=0, doc="seed of static binarisation and evaluation draws")
-    verify_checksums: bool = hyper(True, doc="check data files against published checksums")
 
     @property
     def latent(self) -> Latent:
