@@ -4,10 +4,10 @@ __version__ = "0.1.0"
 
 from estbench.contracts import Cost, Estimate, Estimator, Params, Task
 from estbench.errors import EstbenchError, SpecError
-from estbench.gradients import reference_gradient, sample_gradients
+from estbench.gradients import reference_gradient, sample_gradients, stream_draws
 from estbench.hyperparams import hyper
 from estbench.latents import Latent
-from estbench.metrics import GRADIENT_METRICS, gradient_metrics
+from estbench.metrics import GRADIENT_METRICS, StreamingGradientMetrics, gradient_metrics
 from estbench.registry import (
     ESTIMATORS,
     TASKS,
@@ -34,6 +34,7 @@ __all__ = [
     "SCHEMA",
     "Spec",
     "SpecError",
+    "StreamingGradientMetrics",
     "TASKS",
     "Task",
     "gradient_metrics",
@@ -47,4 +48,5 @@ __all__ = [
     "register_estimator",
     "register_task",
     "sample_gradients",
+    "stream_draws",
 ]

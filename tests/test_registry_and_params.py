@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from estbench import Estimator, EstbenchError, hyper, register_estimator
+from estbench import Estimator, EstbenchError, register_estimator
 from estbench.registry import ESTIMATORS, TASKS, load_plugin
 
 

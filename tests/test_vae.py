@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import textwrap
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
