@@ -180,6 +180,7 @@ class StreamingGradientMetrics:
 
     def __init__(self, reference: Tensor | None) -> None:
         self.reference = None if reference is None else reference.detach().double().reshape(-1)
+        # accumulators live on the draws' device (created on the first chunk)
         self.m = 0
         self.sum = self.sum_sq = None
         self.sq_err, self.cosines, self.pair_var, self.pair_tr_sq = [], [], [], []
@@ -187,8 +188,8 @@ class StreamingGradientMetrics:
     def add(self, chunk: Tensor) -> None:
         g = chunk.detach().double()
         if self.sum is None:
-            self.sum, self.sum_sq = torch.zeros(g.shape[1], dtype=g.dtype), torch.zeros(
-                g.shape[1], dtype=g.dtype)
+            self.sum = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+            self.sum_sq = torch.zeros_like(self.sum)
         self.sum += g.sum(0)
         self.sum_sq += g.pow(2).sum(0)
         self.m += g.shape[0]

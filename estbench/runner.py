@@ -133,9 +133,11 @@ def _gradient_phase(
     batch = task.gradient_batch(generator)
     reference, reference_var, logit_ref, logit_ref_var = _reference(task, params, batch, measure)
     slices = parameter_slices(params)
+    device = next(iter(params.values())).device
     views: dict[str, tuple[Tensor | None, bool]] = {"": (None, False)}
     for group, names in task.parameter_groups().items():
-        index = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+        index = torch.cat([torch.arange(slices[n].start, slices[n].stop, device=device)
+                           for n in names])
         views[f"{group}/"] = (index, False)
     if task.logits_metrics:
         views["logits/"] = (None, True)
@@ -215,7 +217,8 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
 
     trajectory = TrajectoryVariance(measure.ema_decay)
     slices = parameter_slices(params)
-    groups = {g: torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in names])
+    groups = {g: torch.cat([torch.arange(slices[n].start, slices[n].stop, device=target)
+                            for n in names])
               for g, names in task.parameter_groups().items()}
     eval_every = measure.eval_every or measure.log_every
     for step in range(measure.steps + 1):
