@@ -138,6 +138,10 @@ class Task(HyperParams, abc.ABC):
     #: True when gradient quality should also be measured w.r.t. the logits themselves
     logits_metrics: ClassVar[bool] = False
 
+    def preflight(self) -> None:
+        """Check, before anything runs, that the task can run here (e.g. that its data files are
+        present or can be downloaded); raise :class:`EstbenchError` with the fix if not."""
+
     def sample_batch(self, generator: torch.Generator) -> Any:
         """A training batch (``None`` for tasks without data)."""
         return None

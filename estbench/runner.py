@@ -371,6 +371,8 @@ def run_spec(
     cell starts ('running') and when it ends ('done', 'failed', 'skipped')."""
     device = device or spec.device
     _check_device(device)
+    for task_name, task_params in spec.tasks:
+        TASKS.get(task_name).from_params(task_params).preflight()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):

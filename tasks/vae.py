@@ -83,6 +83,10 @@ class _VAE(Task):
         return {}
 
     # data ---------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        for split in ("train", "test"):  # verified (and downloaded, if need be) once, up front
+            load_images(self.dataset, split, self.data_dir, verify=self.verify_checksums)
+
     def _split(self, split: str) -> Tensor:
         images = load_images(self.dataset, split, self.data_dir, verify=self.verify_checksums)
         return self._preprocessor.fixed(images)

@@ -188,3 +188,21 @@ def test_runner_on_vaes_records_groups_references_bounds_and_trajectory(tmp_path
     bounds = values[["test_neg_iwae", "test_neg_elbo"]].dropna()
     assert len(bounds) == 4 and (bounds["test_neg_iwae"] <= bounds["test_neg_elbo"] + 1e-4).all()
     assert (values["grad_var_ema"].dropna() >= 0).all()
+
+
+def test_a_vae_spec_without_data_stops_before_running(tmp_path, capsys):
+    spec = tmp_path / "nodata.toml"
+    spec.write_text(textwrap.dedent(f"""
+        name = "nodata"
+        [[task]]
+        name = "categorical-vae"
+        dataset = "fashion-mnist"
+        data_dir = "{tmp_path / 'nowhere'}"
+        [[estimator]]
+        name = "reinforce"
+    """))
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fashion-mnist/train-images-idx3-ubyte.gz is missing" in err
+    assert not out.exists()
