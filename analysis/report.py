@@ -111,10 +111,10 @@ def build_figures(results: pd.DataFrame) -> dict[str, plt.Figure]:
     return out
 
 
-def _png_base64(fig: plt.Figure) -> str:
+def _png_bytes(fig: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -175,9 +175,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     figs = build_figures(results)
     embedded = {}
     for stem, fig in figs.items():
-        fig.savefig(out / "figures" / f"{stem}.png", dpi=110, bbox_inches="tight")
+        png = _png_bytes(fig)  # rendered once: written to disk and embedded in the page
+        (out / "figures" / f"{stem}.png").write_bytes(png)
         fig.savefig(out / "figures" / f"{stem}.svg", bbox_inches="tight")
-        embedded[stem] = _png_base64(fig)
+        embedded[stem] = base64.b64encode(png).decode()
         plt.close(fig)
 
     summary = (format_summary(summary_table(results)) if len(runs) == 1 else _side_by_side(runs))

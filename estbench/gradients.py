@@ -27,6 +27,8 @@ __all__ = [
     "stream_draws",
     "auto_chunk",
     "flatten",
+    "flatten_gradients",
+    "group_indices",
     "reference_gradient",
     "reference_logits_gradient",
     "parameter_slices",
@@ -41,6 +43,23 @@ def parameter_slices(params: Params) -> dict[str, slice]:
         out[name] = slice(start, start + p.numel())
         start += p.numel()
     return out
+
+
+def group_indices(params: Params, groups: dict[str, list[str]]) -> dict[str, Tensor]:
+    """For each named group of parameters, its coordinates in the flattened gradient vector."""
+    slices = parameter_slices(params)
+    device = next(iter(params.values())).device
+    return {group: torch.cat([torch.arange(slices[n].start, slices[n].stop, device=device)
+                              for n in names])
+            for group, names in groups.items()}
+
+
+def flatten_gradients(grads: Sequence[Tensor | None], like: Sequence[Tensor],
+                      lead: tuple[int, ...] = ()) -> Tensor:
+    """Concatenate gradients, each flattened after its ``lead`` dims, with zeros (shaped like the
+    matching tensor of ``like``) where a gradient is ``None``: ``[*lead, sum of sizes]``."""
+    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(*lead, -1)
+                      for g, t in zip(grads, like)], dim=len(lead))
 
 METHODS = ("auto", "batched", "loop")
 
@@ -89,7 +108,7 @@ def _replicated_cost(task: Task, replicas: Params, batch: Any, tail_ndim: int) -
 
 def _batched(
     task: Task, estimator: Estimator, params: Params, batch: Any, count: int
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     names = list(params)
     replicas = {
         n: p.detach().unsqueeze(0).expand(count, *p.shape).clone().requires_grad_(True)
@@ -102,38 +121,24 @@ def _batched(
         f = task.cost(params, batch)
     estimate = estimator.estimate(logits, f, task.latent)
     loss = estimate.surrogate.reshape(count, -1).mean(1).sum()
-    grads = torch.autograd.grad(loss, [replicas[n] for n in names] + [logits], allow_unused=True)
-    flat = torch.cat(
-        [
-            (torch.zeros_like(replicas[n]) if g is None else g).reshape(count, -1)
-            for n, g in zip(names, grads[:-1])
-        ],
-        dim=1,
-    )
-    logits_grad = torch.zeros_like(logits) if grads[-1] is None else grads[-1]
-    return flat, logits_grad.reshape(count, -1)
+    inputs = [replicas[n] for n in names] + [logits]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return (flatten_gradients(grads[:-1], inputs[:-1], (count,)),
+            flatten_gradients(grads[-1:], inputs[-1:], (count,)))
 
 
-def _loop(task: Task, estimator: Estimator, params: Params, batch: Any, count: int) -> Tensor:
+def _loop(task: Task, estimator: Estimator, params: Params, batch: Any, count: int
+          ) -> tuple[Tensor, Tensor]:
     names = list(params)
-    rows = []
-    logit_rows = []
+    rows, logit_rows = [], []
     for _ in range(count):
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
         logits = task.logits(leaves, batch)
         estimate = estimator.estimate(logits, task.cost(leaves, batch), task.latent)
-        grads = torch.autograd.grad(
-            estimate.surrogate.mean(), [leaves[n] for n in names] + [logits], allow_unused=True
-        )
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(leaves[n]) if g is None else g).reshape(-1)
-                    for n, g in zip(names, grads[:-1])
-                ]
-            )
-        )
-        logit_rows.append((torch.zeros_like(logits) if grads[-1] is None else grads[-1]).reshape(-1))
+        inputs = [leaves[n] for n in names] + [logits]
+        grads = torch.autograd.grad(estimate.surrogate.mean(), inputs, allow_unused=True)
+        rows.append(flatten_gradients(grads[:-1], inputs[:-1]))
+        logit_rows.append(flatten_gradients(grads[-1:], inputs[-1:]))
     return torch.stack(rows), torch.stack(logit_rows)
 
 

@@ -26,7 +26,8 @@ from torch import Tensor
 from estbench.contracts import Estimator, Params, Task
 from estbench.errors import EstbenchError
 from estbench.gradients import (
-    parameter_slices,
+    flatten_gradients,
+    group_indices,
     reference_gradient,
     reference_logits_gradient,
     stream_draws,
@@ -120,7 +121,8 @@ def _prefixed(prefix: str, values: list[MetricValue]) -> list[MetricValue]:
 
 
 def _subset(x: Tensor | None, index: Tensor | None) -> Tensor | None:
-    return None if x is None or index is None else x[..., index]
+    """The coordinates ``index`` of ``x`` (all of them when ``index`` is None)."""
+    return x if x is None or index is None else x[..., index]
 
 
 def _gradient_phase(
@@ -132,37 +134,33 @@ def _gradient_phase(
     statistics otherwise."""
     batch = task.gradient_batch(generator)
     reference, reference_var, logit_ref, logit_ref_var = _reference(task, params, batch, measure)
-    slices = parameter_slices(params)
-    device = next(iter(params.values())).device
+    # view key -> (coordinates of the parameter gradient or None for all, is it the logits view)
     views: dict[str, tuple[Tensor | None, bool]] = {"": (None, False)}
-    for group, names in task.parameter_groups().items():
-        index = torch.cat([torch.arange(slices[n].start, slices[n].stop, device=device)
-                           for n in names])
+    for group, index in group_indices(params, task.parameter_groups()).items():
         views[f"{group}/"] = (index, False)
     if task.logits_metrics:
         views["logits/"] = (None, True)
+    refs = {key: (logit_ref, logit_ref_var) if is_logits
+            else (_subset(reference, index), _subset(reference_var, index))
+            for key, (index, is_logits) in views.items()}
     total = sum(p.numel() for p in params.values())
     exact = measure.gradient_samples * total <= EXACT_METRICS_MAX_VALUES
-    streams, stored = {}, {key: [] for key in views}
-    for key, (index, is_logits) in views.items():
-        ref = logit_ref if is_logits else (reference if index is None else _subset(reference, index))
-        streams[key] = StreamingGradientMetrics(ref)
+    stored: dict[str, list[Tensor]] = {key: [] for key in views}
+    streams = {} if exact else {key: StreamingGradientMetrics(refs[key][0]) for key in views}
     for grads, logit_grads in stream_draws(
             task, estimator, params, batch, measure.gradient_samples,
             method=measure.gradient_method, chunk_size=measure.gradient_chunk or None):
         if not torch.isfinite(grads).all():
             raise NonFiniteError(f"non-finite gradient estimate at step {step}")
         for key, (index, is_logits) in views.items():
-            part = logit_grads if is_logits else (grads if index is None else grads[:, index])
+            part = logit_grads if is_logits else _subset(grads, index)
             if exact:
                 stored[key].append(part)
             else:
                 streams[key].add(part)
     values: list[MetricValue] = []
-    for key, (index, is_logits) in views.items():
-        ref, ref_var = (logit_ref, logit_ref_var) if is_logits else (
-            (reference, reference_var) if index is None
-            else (_subset(reference, index), _subset(reference_var, index)))
+    for key in views:
+        ref, ref_var = refs[key]
         if exact:
             metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var)
         else:
@@ -216,10 +214,7 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
     window: list[torch.Tensor] = []
 
     trajectory = TrajectoryVariance(measure.ema_decay)
-    slices = parameter_slices(params)
-    groups = {g: torch.cat([torch.arange(slices[n].start, slices[n].stop, device=target)
-                            for n in names])
-              for g, names in task.parameter_groups().items()}
+    groups = group_indices(params, task.parameter_groups())
     eval_every = measure.eval_every or measure.log_every
     for step in range(measure.steps + 1):
         if step in checkpoints:
@@ -257,9 +252,8 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu") -> list[dict[str
         _sync(target)
         train_time += time.perf_counter() - started
         window.append(estimate.value.detach().mean())
-        trajectory.add(torch.cat([p.grad.reshape(-1) if p.grad is not None
-                                  else torch.zeros(p.numel(), device=p.device)
-                                  for p in params.values()]))
+        leaves = list(params.values())
+        trajectory.add(flatten_gradients([p.grad for p in leaves], leaves))
 
     if measure.throughput:
         estimator.train(True)  # time what a training step pays; update() is never called here

@@ -246,8 +246,8 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         seeds=tuple(dict.fromkeys(seeds)),
         device=device,
         measure=measure,
-        tasks=tuple(dict.fromkeys((n, _freeze(p)) for n, p in tasks)),
-        estimators=tuple(dict.fromkeys((n, _freeze(p)) for n, p in estimators)),
+        tasks=tuple(dict.fromkeys((n, _FrozenDict(p)) for n, p in tasks)),
+        estimators=tuple(dict.fromkeys((n, _FrozenDict(p)) for n, p in estimators)),
         source=source,
     )
 
@@ -257,10 +257,6 @@ class _FrozenDict(dict):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(json.dumps(self, sort_keys=True))
-
-
-def _freeze(params: dict[str, Any]) -> dict[str, Any]:
-    return _FrozenDict(params)
 
 
 def load_spec(path: str | Path) -> Spec:
