@@ -6,7 +6,7 @@ is the parallel speed-up of the local executor.
 
 import pytest
 
-from estbench.runner import run_spec
+from estbench.run import run_spec
 from estbench.spec import load_spec
 
 

@@ -81,7 +81,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from estbench.runner import run_spec
+    from estbench.run import run_spec
     from estbench.spec import load_spec
 
     spec = load_spec(args.spec)

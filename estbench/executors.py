@@ -55,7 +55,7 @@ def execute_cell(cell, measure, device: str, run_name: str, prov: dict[str, Any]
     """Run one cell (in whatever process this is) and return its outcome; never raises."""
     import torch
 
-    from estbench.runner import CellSkipped, cell_frame, run_cell
+    from estbench.cell import CellSkipped, cell_frame, run_cell
 
     try:
         _load_plugins(plugins)
