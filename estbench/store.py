@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "cell_path",
     "error_path",
+    "checkpoint_path",
 ]
 
 PHASES = ("gradient", "train", "eval", "throughput")
@@ -109,6 +110,11 @@ def cell_path(run_dir: Path, cell_id: str) -> Path:
 
 def error_path(run_dir: Path, cell_id: str) -> Path:
     return Path(run_dir) / "errors" / f"{cell_id}.txt"
+
+
+def checkpoint_path(run_dir: Path, cell_id: str) -> Path:
+    """Where a running cell keeps its state between steps (removed once the cell is written)."""
+    return Path(run_dir) / "checkpoints" / f"{cell_id}.pt"
 
 
 def write_cell(rows: pd.DataFrame, path: Path) -> None:
