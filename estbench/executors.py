@@ -36,6 +36,10 @@ __all__ = ["CellOutcome", "Job", "Hooks", "execute_cell", "make_executor", "chec
 EXECUTORS = ("local", "ray")
 #: seconds between two step messages of one worker (progress inside a cell)
 STEP_MESSAGE_INTERVAL_S = 0.5
+#: modules the fork server imports once for all workers (torch._dynamo: torch.func's first call
+#: imports it, about 3 s per fresh worker otherwise)
+PRELOAD = ["estbench.executors", "estbench.cell", "estbench.estimators", "estbench.tasks",
+           "torch._dynamo"]
 #: seconds a worker asked to stop (SIGTERM) gets to save its checkpoint before it is killed
 STOP_GRACE_S = 20.0
 
@@ -144,6 +148,7 @@ def _worker_main(conn: Connection, alive: Connection, plugins: tuple[str, ...],
         _load_plugins(plugins)
         while True:
             job = conn.recv()
+            _sending(conn, ("started", job.cell.id))
             last = 0.0
 
             def on_step(done: int, total: int, cell_id: str = job.cell.id) -> None:
@@ -180,11 +185,11 @@ class _Worker:
         self.process.start()
         child.close()
         self.job: Job | None = None
-        self.since = 0.0
+        self.since: float | None = None  # when the worker began the job's cell
 
     def submit(self, job: Job) -> None:
         self.conn.send(job)
-        self.job, self.since = job, time.monotonic()
+        self.job, self.since = job, None
 
     def messages(self) -> Iterator[tuple]:
         """The messages waiting in the pipe; stops at EOF or an unreadable message."""
@@ -213,7 +218,7 @@ class LocalProcesses:
         self.size = workers
         self.plugins = plugins
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["estbench.executors", "estbench.cell"])
+        self.context.set_forkserver_preload(PRELOAD)
         self.alive, self.alive_writer = self.context.Pipe(duplex=False)
         self.workers: list[_Worker] = []
 
@@ -251,7 +256,9 @@ class LocalProcesses:
             return None
         cell = worker.job.cell
         for message in worker.messages():
-            if message[0] == "step":
+            if message[0] == "started":
+                worker.since = time.monotonic()  # the time limit counts from here
+            elif message[0] == "step":
                 hooks.stepped(*message[1:])
             elif message[0] == "outcome":
                 worker.job = None
@@ -261,7 +268,7 @@ class LocalProcesses:
             return CellOutcome(cell.id, "failed", message=f"cell {cell.id}\nWorkerDied: "
                                f"{_death(worker.process.exitcode)} while running this cell")
         limit = cell.measure.time_limit_s
-        if limit and time.monotonic() - worker.since > limit:
+        if limit and worker.since is not None and time.monotonic() - worker.since > limit:
             worker.kill()
             worker.job = None
             return CellOutcome(cell.id, "failed", message=f"cell {cell.id}\nTimeLimit: ran past "
