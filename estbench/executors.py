@@ -265,8 +265,11 @@ class LocalProcesses:
                 return message[1]
         if not worker.process.is_alive():
             worker.job = None
+            when = "while running this cell" if worker.since is not None else (
+                "before it began this cell (a script that calls run_spec needs "
+                "`if __name__ == '__main__':`; see the worker's stderr)")
             return CellOutcome(cell.id, "failed", message=f"cell {cell.id}\nWorkerDied: "
-                               f"{_death(worker.process.exitcode)} while running this cell")
+                               f"{_death(worker.process.exitcode)} {when}")
         limit = cell.measure.time_limit_s
         if limit and worker.since is not None and time.monotonic() - worker.since > limit:
             worker.kill()
