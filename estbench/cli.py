@@ -92,7 +92,8 @@ class _CellSteps:
     last_time: float = 0.0
 
     def text(self, cell_id: str) -> str:
-        label = "/".join(cell_id.split("__")[:3])  # task/estimator/s<seed>
+        task, estimator, seed, digest = (cell_id.split("__") + ["", "", "", ""])[:4]
+        label = f"{task}/{estimator}/{seed}/{digest[:4]}"
         if not self.total:
             return label
         text = f"{label} {self.done}/{self.total}"

@@ -302,6 +302,7 @@ class LocalProcesses:
             worker.close()
         self.workers = []
         self.alive_writer.close()
+        self.alive.close()
 
 
 class RayCluster:

@@ -304,3 +304,12 @@ def test_skip_reasons_are_recorded_and_shown(tmp_path, capsys):
     assert main(["show", str(out)]) == 0
     assert (f"SKIPPED {next(iter(skipped))}: estimator 'arm' does not support categorical "
             "latents") in capsys.readouterr().out
+
+
+def test_progress_line_names_each_running_cell_with_its_steps_and_time_left():
+    from estbench.cli import _CellSteps
+
+    steps = _CellSteps(done=30, total=100, first_time=10.0, first_done=10, last_time=12.0)
+    text = steps.text("bernoulli-toy__rloo__s2__abcdef0123")
+    assert text == "bernoulli-toy/rloo/s2/abcd 30/100 ~7s left"  # 70 steps at 10 steps/s
+    assert _CellSteps().text("t__e__s0__ffff") == "t/e/s0/ffff"
