@@ -228,7 +228,7 @@ class LocalProcesses:
     def map(self, jobs: list[Job], hooks: Hooks) -> Iterator[CellOutcome]:
         queue = deque(jobs)
         while queue or any(w.job for w in self.workers):
-            while queue and len(self.workers) < self.size:
+            while queue and len(self.workers) < min(self.size, len(jobs)):
                 self.workers.append(self._worker())
             for index, worker in enumerate(self.workers):
                 if worker.job is None and queue:

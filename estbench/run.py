@@ -300,7 +300,8 @@ class _Run:
         if outcome.status == "done":
             try:
                 digest = write_cell(outcome.rows, cell_path(self.run_dir, cell_id),
-                                    {"cell": cell_id, "run": self.manifest["run"]})
+                                    {"cell": cell_id, "run": self.manifest["run"],
+                                     "spec_hash": self.manifest["spec_hash"]})
             except Exception as err:
                 outcome = CellOutcome(cell_id, "failed",
                                       message=f"cell {cell_id}\nwriting results: {err}")
