@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from estbench.errors import EstbenchError
+from estbench.errors import EstbenchError, RunInterrupted
 
 __all__ = ["main"]
 
@@ -78,39 +81,104 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+@dataclass
+class _CellSteps:
+    """Training steps of a running cell, and when and where step reports began (for the rate)."""
 
+    done: int = 0
+    total: int = 0
+    first_time: float = 0.0
+    first_done: int = 0
+    last_time: float = 0.0
+
+    def text(self, cell_id: str) -> str:
+        task, estimator, seed, digest = (cell_id.split("__") + ["", "", "", ""])[:4]
+        label = f"{task}/{estimator}/{seed}/{digest[:4]}"
+        if not self.total:
+            return label
+        text = f"{label} {self.done}/{self.total}"
+        if self.done > self.first_done and self.last_time > self.first_time:
+            rate = (self.done - self.first_done) / (self.last_time - self.first_time)
+            text += f" ~{(self.total - self.done) / rate:.0f}s left"
+        return text
+
+
+class _ProgressDisplay:
+    """The tqdm bar of a run: cells done, failed, skipped and running, and for each running cell
+    its training steps done of total with an estimate of the time left. Redrawn at most every
+    ``interval`` seconds; silent when disabled (``--no-progress`` or stderr not a terminal)."""
+
+    def __init__(self, total: int, name: str, out: Path, disable: bool,
+                 interval: float = 0.5) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=name, unit="cell", disable=disable, file=sys.stderr)
+        self.out = out
+        self.enabled = not disable
+        self.interval = interval
+        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self.running: dict[str, _CellSteps] = {}
+        self.drawn = 0.0
+
+    def cell(self, cell_id: str, status: str) -> None:
+        if status == "running":
+            self.running[cell_id] = _CellSteps()
+        else:
+            self.running.pop(cell_id, None)
+            if status in self.counts:
+                self.counts[status] += 1
+                self.bar.update(1)
+            if status == "failed" and self.enabled:
+                self.bar.write(f"FAILED {cell_id}: see {self.out / 'errors' / (cell_id + '.txt')}",
+                               file=sys.stderr)
+        self._draw(force=True)
+
+    def step(self, cell_id: str, done: int, total: int) -> None:
+        steps = self.running.get(cell_id)
+        if steps is None:
+            return
+        now = time.monotonic()
+        if not steps.first_time:
+            steps.first_time, steps.first_done = now, done
+        steps.done, steps.total, steps.last_time = done, total, now
+        self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.drawn < self.interval):
+            return
+        self.drawn = now
+        running = [steps.text(cell_id) for cell_id, steps in self.running.items()]
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
+        self.bar.set_postfix_str(f"{counts}, running={len(running)}"
+                                 + ("; " + "; ".join(running) if running else ""), refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _warn(line: str) -> None:
+    print(f"estbench: warning: {line}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from estbench.run import run_spec
     from estbench.spec import load_spec
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    cells = spec.cells()
-    bar = tqdm(total=len(cells), desc=f"{spec.name}", unit="cell", disable=args.no_progress,
-               file=sys.stderr)
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    running: set[str] = set()
-
-    def progress(cell_id: str, status: str) -> None:
-        if status == "running":
-            running.add(cell_id)
-        else:
-            running.discard(cell_id)
-            counts[status] += 1
-            bar.update(1)
-            if status == "failed":
-                bar.write(f"FAILED {cell_id}: see {out / 'errors' / (cell_id + '.txt')}",
-                          file=sys.stderr)
-        bar.set_postfix({**counts, "running": len(running)}, refresh=True)
-
-    summary = run_spec(spec, out, device=args.device, force=args.force, executor=args.executor,
-                       workers=args.workers, address=args.address, plugins=tuple(args.plugin),
-                       progress=progress)
-    bar.close()
+    quiet = args.no_progress or not sys.stderr.isatty()
+    display = _ProgressDisplay(len(spec.cells()), spec.name, out, disable=quiet)
+    try:
+        summary = run_spec(spec, out, device=args.device, force=args.force,
+                           executor=args.executor, workers=args.workers, address=args.address,
+                           plugins=tuple(args.plugin), progress=display.cell,
+                           on_step=display.step, warn=_warn)
+    finally:
+        display.close()
     print(f"{len(summary.done)} cells run, {len(summary.reused)} reused, "
           f"{len(summary.skipped)} skipped, {len(summary.failed)} failed -> {out}")
-    if args.no_progress:
+    if quiet:
         for cell_id, path in summary.failed.items():
             print(f"FAILED {cell_id}: see {path}", file=sys.stderr)
     _print_summary(out)
@@ -121,7 +189,8 @@ def _print_summary(run_dir: Path) -> None:
     from analysis.summary import format_summary, summary_table
     from estbench.store import load_results
 
-    table = format_summary(summary_table(load_results(run_dir)))
+    results = load_results(run_dir, on_skip=lambda name, why: _warn(f"left out {name}: {why}"))
+    table = format_summary(summary_table(results))
     print("\nmean over seeds [95% bootstrap interval over seeds]; @0 = at the initial parameters")
     with pd.option_context("display.width", 250, "display.max_columns", 20,
                            "display.max_colwidth", 40):
@@ -131,18 +200,21 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from estbench.store import load_results, read_json
+    from estbench.store import read_manifest
 
     run_dir = Path(args.run_dir)
-    load_results(run_dir)  # validates that this is a run directory
-    manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").is_file() else {}
-    cells = manifest.get("cells", {})
-    statuses = pd.Series([c["status"] for c in cells.values()]).value_counts().to_dict()
+    manifest = read_manifest(run_dir)
+    cells = manifest["cells"]
+    statuses = pd.Series([c.get("status", "?") for c in cells.values()]).value_counts().to_dict()
     print(f"run {manifest.get('run', run_dir.name)}: {manifest.get('status', '?')}, cells {statuses}")
     _print_summary(run_dir)
-    failed = [cid for cid, c in cells.items() if c["status"] == "failed"]
-    for cell_id in failed:
-        print(f"FAILED {cell_id}: see {run_dir / 'errors' / (cell_id + '.txt')}")
+    for cell_id, info in cells.items():
+        if info.get("status") == "skipped":
+            print(f"SKIPPED {cell_id}: {info.get('reason') or 'no reason recorded'}")
+    for cell_id, info in cells.items():
+        if info.get("status") == "failed":
+            print(f"FAILED {cell_id}: {info.get('reason') or ''} (see "
+                  f"{run_dir / 'errors' / (cell_id + '.txt')})")
     return 0
 
 
@@ -203,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("estbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except RunInterrupted as err:
+        print(f"estbench: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EstbenchError", "SpecError", "did_you_mean"]
+__all__ = ["EstbenchError", "SpecError", "RunInterrupted", "did_you_mean"]
 
 
 class EstbenchError(Exception):
@@ -14,6 +14,17 @@ class EstbenchError(Exception):
 
 class SpecError(EstbenchError):
     """A matrix spec that cannot be run as written."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM; its running cells were stopped and stay pending."""
+
+    def __init__(self, signum: int, run_dir: object) -> None:
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; finished cells are kept "
+                         f"in {run_dir}, run the same command again to resume")
+        self.signum = signum
 
 
 def did_you_mean(value: str, known: Iterable[str]) -> str:

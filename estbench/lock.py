@@ -1,8 +1,15 @@
-"""One writer per run directory: a lock file holding the owner's pid, host and start time."""
+"""One writer per run directory: an OS lock (``flock``) on ``run_dir/.lock``, which also holds the
+owner's pid, host and start time so that a refusal can name the owner.
+
+The kernel releases an ``flock`` when its holder dies, however it dies, so a lock left by a killed
+run is free to take and taking it is a single atomic system call: two processes can never both
+hold it.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import socket
@@ -25,44 +32,75 @@ def _alive(pid: int) -> bool:
 
 class RunLock:
     """``with RunLock(run_dir):`` holds ``run_dir/.lock``; a second holder is refused with a
-    message naming the owner. A lock left by a dead process on this host is stale and taken
-    over."""
+    message naming the owner. The file is removed on release."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
                       "since": dt.datetime.now(dt.timezone.utc).isoformat()}
+        self.fd: int | None = None
 
-    def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.owner, handle)
-        return True
-
-    def __enter__(self) -> RunLock:
-        if self._try_create():
-            return self
+    def _refusal(self) -> EstbenchError:
         try:
             holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             holder = {}
-        same_host = holder.get("host") == self.owner["host"]
-        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-            self.path.unlink(missing_ok=True)  # stale: its owner is gone
-            if self._try_create():
-                return self
-        raise EstbenchError(
+        return EstbenchError(
             f"run directory '{self.path.parent}' is in use by pid {holder.get('pid', '?')} on "
             f"host {holder.get('host', '?')} since {holder.get('since', '?')}; wait for that run "
             f"to finish, use another --out, or delete {self.path} if that process is gone"
         )
 
-    def __exit__(self, *exc) -> None:
+    def _held_elsewhere(self, fd: int) -> bool:
+        """A lock file written by a live process on this host, or by a process on another host
+        (whose liveness cannot be checked), belongs to that process even if our flock succeeded
+        (e.g. on a file system without flock)."""
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
-                self.path.unlink()
-        except (OSError, ValueError):
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return False
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return False
+        if holder.get("host") != self.owner["host"]:
+            return True
+        return _alive(pid)
+
+    def _acquire(self) -> int | None:
+        """The fd holding the flock on the current ``.lock`` file, or None if another holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(fd).st_ino:
+                return fd
+            os.close(fd)  # the holder released and removed the file meanwhile: lock the new one
+
+    def __enter__(self) -> RunLock:
+        fd = self._acquire()
+        if fd is None:
+            raise self._refusal()
+        if self._held_elsewhere(fd):
+            os.close(fd)
+            raise self._refusal()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.owner).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()  # while still holding the flock; see _acquire for the race
+        except FileNotFoundError:
             pass
+        os.close(self.fd)
+        self.fd = None

@@ -50,22 +50,40 @@ class Measure:
     eval_every: int = 0
     throughput: bool = True
     throughput_min_time: float = 0.2
+    threads: int = 1
+    time_limit_s: float = 0.0
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that can change a cell's numbers (all but :data:`NOT_IN_IDENTITY`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_IDENTITY}
+
+
+#: [measure] keys that never change a cell's numbers: changing them keeps the cell ids, so a run
+#: may be resumed with another time limit or checkpoint interval
+NOT_IN_IDENTITY = ("time_limit_s", "checkpoint_every")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One independent unit of work: a task config, an estimator config and a seed."""
+    """One independent unit of work: a task config, an estimator config and a seed, measured
+    with ``measure`` on ``device``."""
 
     task: str
     task_params: dict[str, Any]
     estimator: str
     estimator_params: dict[str, Any]
     seed: int
+    measure: Measure = Measure()
+    device: str = "cpu"
 
     @property
     def id(self) -> str:
+        """``task__estimator__s<seed>__<digest>``; the digest covers everything that changes the
+        cell's numbers: task and its params, estimator and its params, seed, the [measure] table
+        (:meth:`Measure.identity`) and the device."""
         key = json.dumps(
-            [self.task, self.task_params, self.estimator, self.estimator_params, self.seed],
+            [self.task, self.task_params, self.estimator, self.estimator_params, self.seed,
+             self.measure.identity(), self.device],
             sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -82,10 +100,12 @@ class Spec:
     estimators: tuple[tuple[str, dict[str, Any]], ...]
     source: str = field(default="", compare=False)
 
-    def cells(self) -> list[Cell]:
-        """Every (task config, estimator config, seed), tasks outermost."""
+    def cells(self, device: str | None = None) -> list[Cell]:
+        """Every (task config, estimator config, seed), tasks outermost, on ``device`` (default:
+        the spec's)."""
+        device = device or self.device
         return [
-            Cell(t, tp, e, ep, seed)
+            Cell(t, tp, e, ep, seed, self.measure, device)
             for (t, tp), (e, ep), seed in itertools.product(self.tasks, self.estimators, self.seeds)
         ]
 
@@ -119,6 +139,15 @@ def _parse_measure(table: Any) -> Measure:
     for key in ints:
         if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
             raise _type_error("[measure]", key, "an integer", values[key])
+    if "threads" in values and (isinstance(values["threads"], bool)
+                                or not isinstance(values["threads"], int) or values["threads"] < 1):
+        raise _type_error("[measure]", "threads", "an integer >= 1 (torch threads per cell)",
+                          values["threads"])
+    if "time_limit_s" in values:
+        v = values["time_limit_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise _type_error("[measure]", "time_limit_s", "a number of seconds >= 0 (0: none)", v)
+        values["time_limit_s"] = float(v)
     for key in ("lr", "throughput_min_time"):
         if key in values:
             v = values[key]

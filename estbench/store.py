@@ -2,15 +2,20 @@
 
 A run directory holds ``spec.toml``, ``manifest.json``, ``cells/<cell>.parquet`` (one per finished
 cell) and ``errors/<cell>.txt`` (one per failed cell). Files are written to a temporary name in the
-same directory and renamed, so a reader never sees a half-written file.
+same directory and renamed, so a reader never sees a half-written file, with the mode
+``0o666 & ~umask`` that an ordinary ``open`` would give. A cell file carries its cell id and run
+in its parquet metadata, and the manifest records its SHA-256: readers use only the files that the
+manifest vouches for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,11 @@ __all__ = [
     "cell_path",
     "error_path",
     "checkpoint_path",
+    "read_manifest",
+    "cell_problem",
+    "verified_cells",
+    "file_digest",
+    "ResultsWarning",
 ]
 
 PHASES = ("gradient", "train", "eval", "throughput")
@@ -84,10 +94,28 @@ def validate(rows: pd.DataFrame) -> pa.Table:
     return table
 
 
+class ResultsWarning(UserWarning):
+    """Files of a run directory that were left out of the results, and why."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)
+    return mask
+
+
 def _atomic_replace(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -117,21 +145,105 @@ def checkpoint_path(run_dir: Path, cell_id: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{cell_id}.pt"
 
 
-def write_cell(rows: pd.DataFrame, path: Path) -> None:
-    """Validate ``rows`` and write them atomically as one parquet file."""
+def write_cell(rows: pd.DataFrame, path: Path, identity: dict[str, str] | None = None) -> str:
+    """Validate ``rows`` and write them atomically as one parquet file whose metadata holds
+    ``identity`` (e.g. ``{"cell": ..., "run": ...}``); returns the file's SHA-256."""
     table = validate(rows)
+    if identity:
+        table = table.replace_schema_metadata(
+            {f"estbench.{key}": value for key, value in identity.items()})
     _atomic_replace(Path(path), lambda handle: pq.write_table(table, handle))
+    return file_digest(path)
 
 
-def load_results(run_dir: str | Path) -> pd.DataFrame:
-    """The whole results table of a run directory (every finished cell) as a DataFrame."""
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cell_problem(run_dir: Path, cell_id: str, record: dict[str, Any]) -> str | None:
+    """Why the file of a cell recorded as done cannot be trusted, or None when it can: it must
+    exist, have the SHA-256 the manifest recorded, and name this cell in its metadata."""
+    path = cell_path(run_dir, cell_id)
+    if not path.is_file():
+        return "its file is missing"
+    if record.get("sha256") is None:
+        return "the manifest records no checksum for it"
+    if file_digest(path) != record["sha256"]:
+        return "its checksum does not match the manifest (damaged or replaced)"
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as err:  # pragma: no cover - checksum caught it
+        return f"it is not a readable parquet file ({err})"
+    if metadata.get(b"estbench.cell", b"").decode() != cell_id:
+        return "its metadata names another cell"
+    return None
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a run directory: ``spec`` (the resolved spec the results came from),
+    ``spec_toml`` (the text of the spec file last run into it), ``cells`` (id -> status,
+    ``reason`` for skipped and failed cells, ``sha256`` for done ones), provenance and times.
+    Readers use this, not ``spec.toml``, which a user may have edited."""
     run_dir = Path(run_dir)
-    if not (run_dir / "manifest.json").is_file() and not (run_dir / "cells").is_dir():
+    path = run_dir / "manifest.json"
+    if not path.is_file():
         raise EstbenchError(
             f"'{run_dir}' is not a run directory (no manifest.json); pass the directory that "
             f"`estbench run` wrote, e.g. runs/quick"
         )
-    files = sorted((run_dir / "cells").glob("*.parquet"))
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
+        raise EstbenchError(
+            f"'{path}' is not readable JSON ({err}); rerun the spec into this directory to "
+            f"rebuild it"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cells"), dict):
+        raise EstbenchError(f"'{path}' has no 'cells' table; rerun the spec into this directory")
+    return manifest
+
+
+def verified_cells(run_dir: str | Path) -> tuple[list[Path], dict[str, str]]:
+    """(the cell files that belong to the run and are intact, {file name: why it was left out})
+    for every done cell of the manifest and every other file in ``cells/``."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    good, left_out = [], {}
+    for cell_id, record in sorted(manifest["cells"].items()):
+        if record.get("status") != "done":
+            continue
+        problem = cell_problem(run_dir, cell_id, record)
+        if problem is None:
+            good.append(cell_path(run_dir, cell_id))
+        else:
+            left_out[f"{cell_id}.parquet"] = problem
+    known = {path.name for path in good} | set(left_out)
+    for path in sorted((run_dir / "cells").glob("*.parquet")):
+        if path.name not in known:
+            left_out[path.name] = "not a finished cell of this run's manifest"
+    return good, left_out
+
+
+def load_results(run_dir: str | Path, *,
+                 on_skip: Callable[[str, str], None] | None = None) -> pd.DataFrame:
+    """The whole results table of a run directory (every verified finished cell) as a DataFrame.
+
+    Files the manifest does not vouch for (damaged, foreign, unfinished) are left out and
+    reported through ``on_skip(file name, reason)``; by default one :class:`ResultsWarning`."""
+    files, left_out = verified_cells(run_dir)
+    if left_out:
+        if on_skip is None:
+            listed = "; ".join(f"{name}: {why}" for name, why in left_out.items())
+            warnings.warn(f"{len(left_out)} file(s) in {Path(run_dir) / 'cells'} left out: "
+                          f"{listed}", ResultsWarning, stacklevel=2)
+        else:
+            for name, why in left_out.items():
+                on_skip(name, why)
     if not files:
         return SCHEMA.empty_table().to_pandas()
     tables = [pq.read_table(f, schema=SCHEMA) for f in files]

@@ -169,3 +169,147 @@ def test_ray_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
     assert main(["run", str(_spec(tmp_path)), "--out", str(tmp_path / "r"), "--executor", "ray",
                  "--no-progress"]) == 2
     assert "pip install 'estbench[ray]'" in capsys.readouterr().err
+
+
+def _vae_spec(tmp_path: Path) -> Path:
+    from conftest import SMALL_VAE
+
+    params = "\n".join(f"{k} = {json.dumps(v)}" for k, v in SMALL_VAE["bernoulli-vae"].items())
+    text = textwrap.dedent("""
+        name = "vae-workers"
+        seeds = [0, 1]
+
+        [measure]
+        gradient_samples = 20
+        checkpoints = [0, 6]
+        steps = 6
+        log_every = 3
+        throughput = false
+
+        [[task]]
+        name = "bernoulli-vae"
+        """) + params + '\n\n[[estimator]]\nname = "rloo"\n\n[[estimator]]\nname = "disarm"\n'
+    path = tmp_path / "vae.toml"
+    path.write_text(text)
+    return path
+
+
+def test_vae_tables_are_bit_equal_with_one_and_two_workers(tmp_path):
+    spec = _vae_spec(tmp_path)
+    tables = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        assert main(["run", str(spec), "--out", str(out), "--workers", workers,
+                     "--no-progress"]) == 0
+        tables.append(_values(out))
+    assert len(tables[0]) > 100 and tables[0]["value"].notna().all()
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
+
+
+def test_cell_ids_cover_everything_that_changes_the_numbers():
+    from dataclasses import replace
+
+    from estbench.spec import Cell, Measure
+
+    base = Cell("bernoulli-toy", {"dim": 4}, "reinforce", {"baseline": "none"}, 0)
+    changed = [replace(base, task_params={"dim": 5}), replace(base, estimator="rloo"),
+               replace(base, estimator_params={"baseline": "ema"}), replace(base, seed=1),
+               replace(base, measure=Measure(lr=0.1)), replace(base, measure=Measure(threads=2)),
+               replace(base, device="cuda")]
+    assert len({base.id} | {c.id for c in changed}) == 1 + len(changed)
+    unchanged = replace(base, measure=Measure(time_limit_s=60))  # never alters the numbers
+    assert unchanged.id == base.id
+
+
+def test_an_extended_spec_runs_only_its_new_cells(tmp_path, capsys):
+    spec = _spec(tmp_path)
+    small = tmp_path / "small.toml"
+    small.write_text(spec.read_text().replace("seeds = [0, 1, 2]", "seeds = [0]")
+                     .replace("samples = [2, 3]", "samples = 2"))
+    out = tmp_path / "run"
+    assert main(["run", str(small), "--out", str(out), "--no-progress"]) == 0
+    kept = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.parquet")}
+    assert len(kept) == 6
+    renamed = tmp_path / "renamed.toml"
+    renamed.write_text(spec.read_text().replace('name = "exec"', 'name = "other-name"')
+                       .replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
+    capsys.readouterr()
+    assert main(["run", str(renamed), "--out", str(out), "--no-progress"]) == 0
+    assert "10 cells run, 6 reused" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"] == "exec" and len(manifest["cells"]) == 16
+    assert set(load_results(out)["run"]) == {"exec"}  # a run keeps the name it was created with
+
+
+def test_steps_inside_cells_reach_the_driver(tmp_path):
+    from estbench.run import run_spec
+    from estbench.spec import load_spec
+
+    spec = load_spec(_spec(tmp_path))
+    steps: dict[str, list[tuple[int, int]]] = {}
+    summary = run_spec(spec, tmp_path / "run", workers=2,
+                       on_step=lambda cell, done, total: steps.setdefault(cell, []).append(
+                           (done, total)))
+    assert summary.ok and set(steps) == set(summary.done)
+    for reports in steps.values():
+        assert reports[-1] == (40, 40) and len(reports) <= 40
+        assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
+def test_checkpoints_go_to_the_cell_and_are_removed_once_its_file_is_written(tmp_path,
+                                                                          monkeypatch):
+    import estbench.cell
+    from estbench.executors import Job, execute_cell
+    from estbench.spec import load_spec
+    from estbench.store import checkpoint_path
+
+    spec = load_spec(_spec(tmp_path))
+    cell = spec.cells()[0]
+    seen = {}
+
+    def fake_run_cell(cell, measure, device, *, checkpoint=None, on_step=None):
+        seen["checkpoint"] = checkpoint
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(estbench.cell, "run_cell", fake_run_cell)
+    target = checkpoint_path(tmp_path / "run", cell.id)
+    assert execute_cell(Job(cell, "exec", {}, target)).status == "failed"
+    assert seen["checkpoint"] == target
+    monkeypatch.undo()
+
+    out = tmp_path / "run"
+    for c in spec.cells()[:2]:
+        checkpoint_path(out, c.id).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_path(out, c.id).write_bytes(b"state")
+    assert main(["run", str(_spec(tmp_path)), "--out", str(out), "--no-progress"]) == 0
+    assert not list((out / "checkpoints").iterdir())
+    checkpoint_path(out, "left-over").write_bytes(b"state")
+    assert main(["run", str(_spec(tmp_path)), "--out", str(out), "--no-progress",
+                 "--force"]) == 0
+    assert not (out / "checkpoints").exists()
+
+
+def test_skip_reasons_are_recorded_and_shown(tmp_path, capsys):
+    spec = _spec(tmp_path)
+    spec.write_text(spec.read_text().replace('name = "rloo"', 'name = "arm"')
+                    .replace("samples = [2, 3]", "").replace("seeds = [0, 1, 2]", "seeds = [0]"))
+    out = tmp_path / "run"
+    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 0
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    skipped = {c: i["reason"] for c, i in cells.items() if i["status"] == "skipped"}
+    assert list(skipped) == [c for c in cells if c.startswith("categorical-toy__arm")]
+    assert skipped[next(iter(skipped))] == "estimator 'arm' does not support categorical latents"
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    assert (f"SKIPPED {next(iter(skipped))}: estimator 'arm' does not support categorical "
+            "latents") in capsys.readouterr().out
+
+
+def test_progress_line_names_each_running_cell_with_its_steps_and_time_left():
+    from estbench.cli import _CellSteps
+
+    steps = _CellSteps(done=30, total=100, first_time=10.0, first_done=10, last_time=12.0)
+    text = steps.text("bernoulli-toy__rloo__s2__abcdef0123")
+    assert text == "bernoulli-toy/rloo/s2/abcd 30/100 ~7s left"  # 70 steps at 10 steps/s
+    assert _CellSteps().text("t__e__s0__ffff") == "t/e/s0/ffff"

@@ -136,8 +136,11 @@ def test_a_different_spec_into_the_same_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert _run([str(_write(tmp_path, TINY)), "--out", str(out)]) == 0
     changed = _write(tmp_path, TINY.replace("lr = 0.05", "lr = 0.1"), "changed.toml")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert _run([str(changed), "--out", str(out)]) == 2
-    assert "different spec" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "would change (spec.measure.lr: 0.05 -> 0.1)" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _run([str(changed), "--out", str(out), "--force"]) == 0
 
 
