@@ -182,7 +182,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         plt.close(fig)
 
     summary = (format_summary(summary_table(results)) if len(runs) == 1 else _side_by_side(runs))
-    ranking, _ = rank_estimators(results, "loss_exact", phase="train", step="last")
+    ranking, _ = rank_estimators(results, "loss_exact", phase="eval", step="last")
     problems = _cell_problems(runs)
 
     parts = [f"<h1>estbench report: {html.escape(title)}</h1>",

@@ -12,7 +12,7 @@ __all__ = ["SUMMARY_METRICS", "summary_table", "format_summary"]
 
 #: (column title, phase, metric, which step of each cell)
 SUMMARY_METRICS = (
-    ("final loss_exact", "train", "loss_exact", "last"),
+    ("final loss_exact", "eval", "loss_exact", "last"),
     ("final loss", "train", "loss", "last"),
     ("bias norm @0", "gradient", "grad_bias_norm", "first"),
     ("variance @0", "gradient", "grad_var_total", "first"),

@@ -1,9 +1,12 @@
 """One cell: train the task's parameters with the estimator and measure along the way.
 
 A cell records, in one long-form frame: gradient quality at the checkpoints (phase
-``gradient``), the sampled and exact loss and the training wall-clock along training (phase
-``train``), and the cost of an estimate (phase ``throughput``). :mod:`estbench.run` runs many
-cells into a run directory; this module knows nothing of files, executors or locks.
+``gradient``); along training (phase ``train``) the discrete loss ``loss`` (f at hard samples
+z ~ p_theta), the estimator's own ``loss_estimator``, the trajectory variance and the training
+wall-clock; everything the task's ``evaluate`` returns (phase ``eval``: ``loss_exact``, the VAE
+bounds); and the cost of an estimate (phase ``throughput``). A cell can save its whole state to
+a checkpoint file and resume from it (:func:`run_cell`). :mod:`estbench.run` runs many cells
+into a run directory; this module knows nothing of run directories, executors or locks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from estbench.checkpoint import (
+    CheckpointWarning,
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from estbench.checkpoint import identity as checkpoint_identity
 from estbench.contracts import Estimator, Params, Task
+from estbench.errors import EstbenchError
 from estbench.gradients import (
     flatten_gradients,
     group_indices,
@@ -27,13 +40,16 @@ from estbench.gradients import (
     reference_logits_gradient,
     stream_draws,
 )
+from estbench.interruption import StopOnSignals
+from estbench.latents import Latent, one_hot
 from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure
 from estbench.store import to_rows
 from estbench.throughput import measure_throughput
 
-__all__ = ["run_cell", "cell_frame", "build", "CellSkipped", "NonFiniteError"]
+__all__ = ["run_cell", "cell_frame", "build", "hard_sample", "CellSkipped", "CellInterrupted",
+           "NonFiniteError", "TrajectoryVariance"]
 
 
 class CellSkipped(Exception):
@@ -57,10 +73,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _records(phase: str, step: int, values: list[MetricValue]) -> list[dict[str, Any]]:
     return [
-        {"phase": phase, "step": step, "metric": v.metric, "value": v.value,
-         "ci_low": v.ci_low, "ci_high": v.ci_high}
+        {"phase": phase, "step": step, "metric": v.metric, "value": float(v.value),
+         "ci_low": _optional_float(v.ci_low), "ci_high": _optional_float(v.ci_high)}
         for v in values
     ]
 
@@ -191,6 +211,197 @@ class TrajectoryVariance:
             mean, square = mean[index], square[index]
         return float((square - mean * mean).clamp_min(0).mean())
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "mean": self.mean, "square": self.square}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.mean, self.square = state["steps"], state["mean"], state["square"]
+
+
+class CellInterrupted(Exception):
+    """SIGTERM or SIGINT stopped :func:`run_cell` between two steps (after saving its checkpoint,
+    when it had a path)."""
+
+
+def hard_sample(latent: Latent, logits: Tensor, generator: torch.Generator) -> Tensor:
+    """One exact draw z ~ p(logits) per batch element, like ``logits``, from ``generator``
+    (Bernoulli: 1[u < sigmoid(theta)]; categorical: Gumbel-max)."""
+    logits = logits.detach()
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    if latent.kind == "bernoulli":
+        return (u < torch.sigmoid(logits)).to(logits.dtype)
+    u = u.clamp_min(torch.finfo(logits.dtype).tiny)
+    return one_hot((logits - torch.log(-torch.log(u))).argmax(-1), latent.categories,
+                   logits.dtype)  # theta + Gumbel(0, 1)
+
+
+#: offset of the seed of the generator that draws the hard samples of the discrete loss
+DISCRETE_LOSS_SEED_OFFSET = 0x5EED_1055
+
+
+class _Training:
+    """The whole mutable state of one cell's training loop, its two kinds of steps (measure at
+    a step, train one step) and its checkpoint.
+
+    The loop position is (``step``, ``measured``): training steps ``0 .. step-1`` are done, and
+    ``measured`` says whether the measurements at ``step`` (gradient phase, training and
+    evaluation rows) are recorded yet.
+    """
+
+    def __init__(self, cell: Cell, measure: Measure, device: str) -> None:
+        torch.manual_seed(cell.seed)
+        self.cell, self.measure = cell, measure
+        self.generator = torch.Generator().manual_seed(cell.seed)
+        self.task, self.estimator = build(cell)
+        self.device = torch.device(device)
+        self.params = self.task.init(self.generator, self.device)
+        self.optimizer = _optimizer(measure.optimizer, list(self.params.values()), measure.lr)
+        # hard samples for the discrete loss come from their own stream, so recording the loss
+        # leaves every other draw, and so the training trajectory, as it was
+        self.loss_generator = torch.Generator(device=self.device).manual_seed(
+            cell.seed + DISCRETE_LOSS_SEED_OFFSET)
+        self.trajectory = TrajectoryVariance(measure.ema_decay)
+        self.groups = group_indices(self.params, self.task.parameter_groups())
+        self.step = 0
+        self.measured = False
+        self.train_time = 0.0
+        self.losses: list[Tensor] = []  # f at hard samples z ~ p_theta, this logging window
+        self.estimator_losses: list[Tensor] = []  # the estimator's own values, same window
+        self.records: list[dict[str, Any]] = []
+
+    # the two kinds of steps --------------------------------------------------------------
+    def measure_step(self) -> None:
+        """The measurements at ``step``: gradient quality at the checkpoints, training rows every
+        ``log_every`` steps, evaluation rows (phase ``eval``) every ``eval_every`` steps."""
+        step, measure = self.step, self.measure
+        if step in measure.checkpoints:
+            self.estimator.train(False)
+            self.records += _gradient_phase(self.task, self.estimator, self.params, measure,
+                                            self.generator, step)
+        last = step == measure.steps
+        evaluating = step % (measure.eval_every or measure.log_every) == 0 or last
+        if step % measure.log_every == 0 or last:
+            self.records += _records("train", step, self._training_metrics(step))
+        elif evaluating:  # the wall-clock of the evaluation rows
+            self.records += _records("train", step, [MetricValue("wall_time_s", self.train_time)])
+        if evaluating:
+            evaluation = self.task.evaluate(self.params, self.generator)
+            self.records += _records("eval", step,
+                                     [MetricValue(k, v) for k, v in evaluation.items()])
+        self.measured = True
+
+    def _training_metrics(self, step: int) -> list[MetricValue]:
+        """Wall-clock, and over the window since the last log: the discrete loss, the
+        estimator's own loss and the trajectory variance; empties the window."""
+        logged = [MetricValue("wall_time_s", self.train_time)]
+        if not self.losses:
+            return logged
+        loss = float(torch.stack(self.losses).mean())
+        loss_estimator = float(torch.stack(self.estimator_losses).mean())
+        if not (math.isfinite(loss) and math.isfinite(loss_estimator)):
+            raise NonFiniteError(f"non-finite training loss before step {step}")
+        logged.append(MetricValue("loss", loss))
+        logged.append(MetricValue("loss_estimator", loss_estimator))
+        logged.append(MetricValue("grad_var_ema", self.trajectory.value()))
+        logged += [MetricValue(f"{g}/grad_var_ema", self.trajectory.value(i))
+                   for g, i in self.groups.items()]
+        self.losses, self.estimator_losses = [], []
+        return logged
+
+    def train_step(self) -> None:
+        """One optimiser step with the estimator; the discrete loss at the same parameters and
+        batch is recorded outside the timed part."""
+        started = time.perf_counter()
+        self.estimator.train(True)
+        self.estimator.begin_step(self.step)
+        batch = self.task.sample_batch(self.generator)
+        logits = self.task.logits(self.params, batch)
+        f = self.task.cost(self.params, batch)
+        estimate = self.estimator.estimate(logits, f, self.task.latent)
+        _sync(self.device)
+        paused = time.perf_counter()
+        with torch.no_grad():
+            z = hard_sample(self.task.latent, logits, self.loss_generator)
+            self.losses.append(f(z).mean())
+        _sync(self.device)
+        resumed = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        estimate.surrogate.mean().backward()
+        self.optimizer.step()
+        self.estimator.update(estimate)
+        _sync(self.device)
+        self.train_time += time.perf_counter() - started - (resumed - paused)
+        self.estimator_losses.append(estimate.value.detach().mean())
+        leaves = list(self.params.values())
+        self.trajectory.add(flatten_gradients([p.grad for p in leaves], leaves))
+        self.step += 1
+        self.measured = False
+
+    def throughput(self) -> None:
+        estimator = self.estimator
+        estimator.train(True)  # time what a training step pays; update() is never called here
+        estimator.begin_step(0)
+        batch = self.task.sample_batch(self.generator)
+        self.records += _records(
+            "throughput", 0,
+            measure_throughput(self.task, estimator, self.params, batch,
+                               self.measure.throughput_min_time),
+        )
+
+    # checkpoint --------------------------------------------------------------------------
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"cell": self.generator, "discrete_loss": self.loss_generator}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the loop needs to go on exactly as if it had never stopped."""
+        return {
+            "identity": checkpoint_identity(self.cell, self.measure, self.device),
+            "step": self.step,
+            "measured": self.measured,
+            "train_time": self.train_time,
+            "params": {k: v.detach() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "trajectory": self.trajectory.state_dict(),
+            "losses": list(self.losses),
+            "estimator_losses": list(self.estimator_losses),
+            "records": self.records,
+            "rng": rng_states(self._generators(), self.device),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in self.params.items():
+                value.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.estimator.load_state_dict(state["estimator"])
+        self.trajectory.load_state_dict(state["trajectory"])
+        self.step, self.measured = state["step"], state["measured"]
+        self.train_time = state["train_time"]
+        self.losses = list(state["losses"])
+        self.estimator_losses = list(state["estimator_losses"])
+        self.records = list(state["records"])
+        # last: rebuilding lazily created networks above draws from the global generator
+        restore_rng_states(state["rng"], self._generators(), self.device)
+
+
+def _start(cell: Cell, measure: Measure, device: str, checkpoint: Path | None) -> _Training:
+    """A fresh training state, or the one saved in ``checkpoint`` when it belongs to this cell
+    (a foreign, unreadable or inconsistent file is ignored with a warning)."""
+    training = _Training(cell, measure, device)
+    if checkpoint is None:
+        return training
+    saved = load_checkpoint(checkpoint, checkpoint_identity(cell, measure, training.device))
+    if saved is None:
+        return training
+    try:
+        training.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, EstbenchError) as err:
+        warnings.warn(f"checkpoint {checkpoint} does not fit this cell ({err}); the cell "
+                      f"starts over", CheckpointWarning, stacklevel=3)
+        return _Training(cell, measure, device)
+    return training
+
 
 def run_cell(cell: Cell, measure: Measure, device: str = "cpu", *,
              checkpoint: Path | None = None,
@@ -198,72 +409,44 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu", *,
     """Train and measure one cell; returns its observations (without the shared columns).
 
     ``checkpoint``: the file where the cell saves its whole state every
-    ``measure.checkpoint_every`` steps and from which it resumes. ``on_step(done, total)`` is
-    called after every training step (progress inside the cell)."""
-    torch.manual_seed(cell.seed)
-    generator = torch.Generator().manual_seed(cell.seed)
-    task, estimator = build(cell)
-    target = torch.device(device)
-    params = task.init(generator, target)
-    optimizer = _optimizer(measure.optimizer, list(params.values()), measure.lr)
-    checkpoints = set(measure.checkpoints)
-    records: list[dict[str, Any]] = []
-    train_time = 0.0
-    window: list[torch.Tensor] = []
+    ``measure.checkpoint_every`` steps (after that step's measurements) and on SIGTERM / SIGINT,
+    and from which it resumes when the file belongs to this cell. A resumed cell returns the same
+    rows, bit for bit on CPU apart from wall-clock metrics, as one that never stopped. On
+    SIGTERM / SIGINT (handled while this runs, in the main thread) the cell stops at the next
+    step boundary, saves, and raises :class:`CellInterrupted`; a gradient phase under way
+    finishes first. ``on_step(done, total)`` is called after every training step.
+    """
+    training = _start(cell, measure, device, checkpoint)
+    every = measure.checkpoint_every
 
-    trajectory = TrajectoryVariance(measure.ema_decay)
-    groups = group_indices(params, task.parameter_groups())
-    eval_every = measure.eval_every or measure.log_every
-    for step in range(measure.steps + 1):
-        if step in checkpoints:
-            estimator.train(False)
-            records += _gradient_phase(task, estimator, params, measure, generator, step)
-        last = step == measure.steps
-        if step % measure.log_every == 0 or last:
-            logged = [MetricValue("wall_time_s", train_time)]
-            if window:
-                loss = float(torch.stack(window).mean())
-                if not math.isfinite(loss):
-                    raise NonFiniteError(f"non-finite training loss before step {step}")
-                logged.append(MetricValue("loss", loss))
-                logged.append(MetricValue("grad_var_ema", trajectory.value()))
-                logged += [MetricValue(f"{g}/grad_var_ema", trajectory.value(i))
-                           for g, i in groups.items()]
-                window = []
-            records += _records("train", step, logged)
-        if step % eval_every == 0 or last:
-            evaluation = task.evaluate(params, generator)
-            records += _records("train", step, [MetricValue(k, v) for k, v in evaluation.items()])
-        if step == measure.steps:
-            break
-        started = time.perf_counter()
-        estimator.train(True)
-        estimator.begin_step(step)
-        batch = task.sample_batch(generator)
-        estimate = estimator.estimate(
-            task.logits(params, batch), task.cost(params, batch), task.latent
-        )
-        optimizer.zero_grad(set_to_none=True)
-        estimate.surrogate.mean().backward()
-        optimizer.step()
-        estimator.update(estimate)
-        _sync(target)
-        train_time += time.perf_counter() - started
-        window.append(estimate.value.detach().mean())
-        if on_step is not None:
-            on_step(step + 1, measure.steps)
-        leaves = list(params.values())
-        trajectory.add(flatten_gradients([p.grad for p in leaves], leaves))
+    def save() -> None:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, training.state_dict())
 
+    with StopOnSignals() as stop:
+        while True:
+            if not training.measured:
+                training.measure_step()
+                step = training.step
+                if every and step % every == 0 and 0 < step < measure.steps:
+                    save()
+            if training.step == measure.steps:
+                break
+            if stop.requested:
+                break
+            training.train_step()
+            if on_step is not None:
+                on_step(training.step, measure.steps)
+            if stop.requested:
+                break
+        if stop.requested and training.step < measure.steps:
+            save()
+            where = f"saved to {checkpoint}" if checkpoint is not None else "no checkpoint path"
+            raise CellInterrupted(f"{stop.signal_name} at step {training.step} of {measure.steps} "
+                                  f"({where})")
     if measure.throughput:
-        estimator.train(True)  # time what a training step pays; update() is never called here
-        estimator.begin_step(0)
-        batch = task.sample_batch(generator)
-        records += _records(
-            "throughput", 0,
-            measure_throughput(task, estimator, params, batch, measure.throughput_min_time),
-        )
-    return records
+        training.throughput()
+    return training.records
 
 
 def cell_frame(cell: Cell, records: list[dict[str, Any]], run: str, device: str,

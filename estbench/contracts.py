@@ -7,12 +7,13 @@ An estimator turns logits and a cost into an :class:`Estimate`; a task is a stoc
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from estbench.errors import EstbenchError
 from estbench.hyperparams import HyperParams
@@ -101,12 +102,99 @@ class Estimator(HyperParams, abc.ABC):
         gradients that :meth:`_estimate` left in ``estimate.extras`` while ``training``. Never
         called during fixed-parameter measurement, so state is frozen there."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's state for a checkpoint: the training step and every instance attribute
+        that is not a hyperparameter (baselines, control-variate networks, their optimisers).
+
+        The default stores numbers, strings, None, tensors, ``nn.Module``s, optimisers, objects
+        with their own ``state_dict`` / ``load_state_dict`` pair, and lists and dicts of these,
+        so stateless estimators and estimators whose state lives in torch objects need nothing
+        more. Anything else is refused with an error; override this pair for it.
+        """
+        return {"step": self.step,
+                "attributes": {name: _encode_state(self, name, value)
+                               for name, value in self._state_attributes().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, in place where possible (tensors are copied
+        into the existing ones, modules and optimisers load their own state)."""
+        current = self._state_attributes()
+        saved = state["attributes"]
+        if set(saved) != set(current):
+            raise EstbenchError(
+                f"estimator '{self.name}': saved state has attributes {sorted(saved)}, this "
+                f"instance has {sorted(current)}; the checkpoint is from other code"
+            )
+        self.step = state["step"]
+        for name, encoded in saved.items():
+            setattr(self, name, _decode_state(self, name, current[name], encoded))
+
+    def _state_attributes(self) -> dict[str, Any]:
+        hyperparameters = {f.name for f in dataclasses.fields(self)}
+        return {name: value for name, value in vars(self).items()
+                if name not in hyperparameters and name not in ("step", "training")}
+
     def label(self) -> str:
         """A short human-readable name: the registry name plus non-default hyperparameters."""
         defaults = type(self)()
         diff = {k: v for k, v in self.params().items() if getattr(defaults, k) != getattr(self, k)}
         inner = ", ".join(f"{k}={v}" for k, v in diff.items())
         return f"{self.name}({inner})" if inner else self.name
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _has_state(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None))
+
+
+def _encode_state(owner: Estimator, name: str, value: Any) -> tuple[str, Any]:
+    """(kind, payload) for one attribute of an estimator's state; see :meth:`Estimator.state_dict`."""
+    if isinstance(value, _PLAIN):
+        return "plain", value
+    if isinstance(value, Tensor):
+        return "tensor", value.detach().clone()
+    if isinstance(value, (nn.Module, torch.optim.Optimizer)) or _has_state(value):
+        return "state", value.state_dict()
+    if isinstance(value, (list, tuple)):
+        return "list", [_encode_state(owner, f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return "dict", {k: _encode_state(owner, f"{name}[{k!r}]", v) for k, v in value.items()}
+    raise EstbenchError(
+        f"estimator '{owner.name}': cannot checkpoint attribute '{name}' of type "
+        f"{type(value).__name__}; give it state_dict() / load_state_dict() methods or override "
+        f"the estimator's state_dict() and load_state_dict()"
+    )
+
+
+def _decode_state(owner: Estimator, name: str, current: Any, encoded: tuple[str, Any]) -> Any:
+    """The restored value of one attribute, reusing ``current`` where it can hold the state."""
+    kind, payload = encoded
+    if kind == "plain":
+        return payload
+    if kind == "tensor":
+        if isinstance(current, Tensor) and current.shape == payload.shape:
+            with torch.no_grad():
+                return current.copy_(payload)
+        return payload.clone()
+    if kind == "state":
+        if not _has_state(current):
+            raise EstbenchError(
+                f"estimator '{owner.name}': attribute '{name}' holds saved state but is "
+                f"{type(current).__name__} now; override load_state_dict() to rebuild it"
+            )
+        current.load_state_dict(payload)
+        return current
+    if kind == "list":
+        items = list(current) if isinstance(current, (list, tuple)) else []
+        items += [None] * (len(payload) - len(items))
+        restored = [_decode_state(owner, f"{name}[{i}]", c, e)
+                    for i, (c, e) in enumerate(zip(items, payload))]
+        return tuple(restored) if isinstance(current, tuple) else restored
+    items = current if isinstance(current, dict) else {}
+    return {k: _decode_state(owner, f"{name}[{k!r}]", items.get(k), e) for k, e in payload.items()}
 
 
 class Task(HyperParams, abc.ABC):

@@ -52,6 +52,10 @@ class Measure:
     throughput_min_time: float = 0.2
     threads: int = 1
     time_limit_s: float = 0.0
+    #: save the cell's whole state every N training steps (0: only when SIGTERM / SIGINT stops
+    #: it). 1,000 bounds what a SIGKILL loses to seconds of a VAE (about 8 ms a step here)
+    #: while a save (about 15 MB for the 20x10 categorical VAE) stays near 1% of training time.
+    checkpoint_every: int = 1000
 
     def identity(self) -> dict[str, Any]:
         """The fields that can change a cell's numbers (all but :data:`NOT_IN_IDENTITY`)."""
@@ -135,7 +139,7 @@ def _parse_measure(table: Any) -> Measure:
             )
     values = dict(table)
     ints = ("gradient_samples", "steps", "log_every", "gradient_chunk", "reference_samples",
-            "eval_every")
+            "eval_every", "checkpoint_every")
     for key in ints:
         if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
             raise _type_error("[measure]", key, "an integer", values[key])
@@ -178,6 +182,10 @@ def _parse_measure(table: Any) -> Measure:
             f"[measure]: reference_estimator must be unbiased, '{measure.reference_estimator}' "
             f"is not; use e.g. rloo or reinforce"
         )
+    if measure.checkpoint_every < 0:
+        raise _type_error("[measure]", "checkpoint_every",
+                          "an integer >= 0 (steps between checkpoints; 0: only on SIGTERM / SIGINT)",
+                          measure.checkpoint_every)
     if measure.gradient_samples < 2:
         raise _type_error("[measure]", "gradient_samples", "an integer >= 2", measure.gradient_samples)
     if measure.steps < 0:

@@ -2,9 +2,13 @@
 
 A baseline maps the detached costs of ``n`` samples, ``[n, *batch]``, to the value subtracted from
 each, and may keep state that the training loop moves through :meth:`update` after each step.
+Each has a ``state_dict`` / ``load_state_dict`` pair, so a checkpoint of the estimator holding it
+carries that state.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor
 
@@ -18,6 +22,12 @@ class NoBaseline:
         return 0.0
 
     def update(self, value: Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
@@ -40,6 +50,12 @@ class EMABaseline:
         mean = float(value.detach().mean())
         self.value = mean if self.value is None else self.decay * self.value + (1 - self.decay) * mean
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
 
 class LeaveOneOut:
     """b_s = mean of the other n - 1 samples' costs (Kool et al. 2019; Salimans & Knowles 2014)."""
@@ -49,6 +65,12 @@ class LeaveOneOut:
         return (costs.sum(0, keepdim=True) - costs) / (n - 1)
 
     def update(self, value: Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 

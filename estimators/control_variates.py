@@ -72,8 +72,17 @@ def _expand(values: Tensor, latent: Latent) -> Tensor:
     return values.reshape(values.shape + (1,) * latent.event_ndim)
 
 
+def _tanh_mlp(width: int, hidden: int, like: Tensor) -> nn.Module:
+    """width -> hidden (tanh) -> 1, on the device and dtype of ``like`` (draws its initial
+    weights from the ambient generator)."""
+    net = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    return net.to(device=like.device, dtype=like.dtype)
+
+
 class _LearnedState:
-    """Parameters an estimator learns for itself, their optimiser, and a device move."""
+    """Parameters an estimator learns for itself, their optimiser, a device move, and their
+    state for a checkpoint. Its networks are :func:`_tanh_mlp`s, created lazily at the first
+    estimate, so a checkpoint rebuilds them from the saved weights' shapes."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
@@ -108,6 +117,27 @@ class _LearnedState:
             p.grad = None if g is None else g.detach()
         self.optimizer.step()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": {name: t.detach().clone() for name, t in self.tensors.items()},
+            "learned": {name: t.requires_grad for name, t in self.tensors.items()},
+            "modules": {name: m.state_dict() for name, m in self.modules.items()},
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensors = {name: t.clone().requires_grad_(state["learned"][name])
+                        for name, t in state["tensors"].items()}
+        self.modules = {}
+        for name, weights in state["modules"].items():
+            hidden, width = weights["0.weight"].shape
+            self.modules[name] = _tanh_mlp(width, hidden, weights["0.weight"])
+            self.modules[name].load_state_dict(weights)
+        self.optimizer = None
+        if state["optimizer"] is not None:
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+            self.optimizer.load_state_dict(state["optimizer"])
+
 
 class _Relaxation(Estimator):
     """Shared machinery of REBAR and RELAX (see the module docstring)."""
@@ -139,8 +169,7 @@ class _Relaxation(Estimator):
     def _net(self, width: int, like: Tensor) -> nn.Module:
         net = self._state.modules.get("net")
         if net is None:
-            net = nn.Sequential(nn.Linear(width, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
-            net.to(device=like.device, dtype=like.dtype)
+            net = _tanh_mlp(width, self.hidden, like)
             self._state.modules["net"] = net
             self._state.optimizer = None
         return net
@@ -275,11 +304,9 @@ class NVIL(Estimator):
         flat = logits.detach().flatten(start_dim=logits.dim() - latent.event_ndim)
         net = self._state.modules.get("net")
         if net is None:
-            net = nn.Sequential(nn.Linear(flat.shape[-1], self.hidden), nn.Tanh(),
-                                nn.Linear(self.hidden, 1))
+            net = _tanh_mlp(flat.shape[-1], self.hidden, logits)
             nn.init.zeros_(net[2].weight)
             nn.init.zeros_(net[2].bias)
-            net.to(device=logits.device, dtype=logits.dtype)
             self._state.modules["net"] = net
         self._state.to(logits.device)
         return net(flat).squeeze(-1)

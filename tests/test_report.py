@@ -66,6 +66,7 @@ def test_report_figures_decode_and_tables_are_filled(small_run, capsys):
     expected = {"gradient_variance", "bias_variance", "temperature", "throughput",
                 "training_loss_exact_steps", "training_loss_exact_wallclock",
                 "training_loss_steps", "training_loss_wallclock",
+                "training_loss_estimator_steps", "training_loss_estimator_wallclock",
                 "training_grad_var_ema_steps", "training_grad_var_ema_wallclock"}
     assert set(images) == expected
     for name, data in images.items():

@@ -63,13 +63,15 @@ def test_end_to_end_tiny_matrix(tmp_path, capsys):
     results = load_results(out)
     assert list(results.columns) == SCHEMA.names
     assert results["cell"].nunique() == 2 * 3 * 2  # tasks x estimator configs x seeds
-    assert set(results["phase"]) == {"gradient", "train", "throughput"}
+    assert set(results["phase"]) == {"gradient", "train", "eval", "throughput"}
     grad = results[results["phase"] == "gradient"]
     assert set(grad["step"]) == {0, 20}
     assert {"grad_bias_norm", "grad_var_total", "grad_cosine", "grad_snr"} <= set(grad["metric"])
     train = results[results["phase"] == "train"]
-    assert {"loss", "loss_exact", "wall_time_s"} <= set(train["metric"])
-    assert set(train[train["metric"] == "loss_exact"]["step"]) == {0, 10, 20}
+    assert {"loss", "loss_estimator", "wall_time_s"} <= set(train["metric"])
+    evaluation = results[results["phase"] == "eval"]
+    assert set(evaluation["metric"]) == {"loss_exact"}
+    assert set(evaluation["step"]) == {0, 10, 20}
     thr = results[results["phase"] == "throughput"].set_index(["cell", "metric"])["value"]
     assert (thr.xs("time_per_estimate_s", level="metric") > 0).all()
     assert json.loads(results["estimator_params"].iloc[0])
