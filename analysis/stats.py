@@ -357,7 +357,7 @@ def performance_profile(results: pd.DataFrame, metric: str, *, phase: str | None
         grid = (np.linspace(pooled.min(), pooled.max(), 50) if taus is None
                 else np.asarray(taus, dtype=float))
         for est, x in values.items():
-            hits = (x[:, None] <= grid[None, :]) if lower_is_better else (x[:, None] >= grid[None, :])
+            hits = x[:, None] <= grid if lower_is_better else x[:, None] >= grid
             low, high = _profile_band(hits.astype(float), level, n_boot, rng)
             out.append(pd.DataFrame({"task_label": task, "estimator_label": est, "tau": grid,
                                      "fraction": hits.mean(0), "ci_low": low, "ci_high": high,

@@ -41,15 +41,27 @@ BIAS_TITLE = "bias norm @0"
 DETECTED_TITLE = "bias detected"
 
 
+def _preferred_phase(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str
+                     ) -> pd.DataFrame:
+    """Rows of ``metric`` from, in each cell, the first of ``phases`` that has it (so runs from
+    before evaluation moved to phase 'eval' still read, also beside newer runs)."""
+    rows = labelled[(labelled["metric"] == metric) & labelled["phase"].isin(phases)]
+    if rows.empty:
+        return rows
+    preference = rows["phase"].map({phase: i for i, phase in enumerate(phases)})
+    best = preference.groupby(rows["cell"]).transform("min")
+    return rows[preference == best]
+
+
 def _metric_table(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str, step: str,
                   statistic: str, n_boot: int, random_state: int) -> pd.DataFrame:
-    """The aggregate from the first phase that has the metric (empty if none)."""
-    for phase in phases:
-        table = aggregate(labelled, metric, phase=phase, step=step, statistics=(statistic,),
-                          n_boot=n_boot, random_state=random_state)
-        if not table.empty:
-            return table.set_index(KEYS)
-    return pd.DataFrame()
+    """The aggregate of ``metric`` per configuration (empty if no cell has it)."""
+    rows = _preferred_phase(labelled, phases, metric)
+    if rows.empty:
+        return pd.DataFrame()
+    table = aggregate(rows, metric, step=step, statistics=(statistic,), n_boot=n_boot,
+                      random_state=random_state)
+    return table.set_index(KEYS)
 
 
 def _eval_samples(labelled: pd.DataFrame) -> pd.Series:

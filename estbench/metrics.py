@@ -155,7 +155,8 @@ def _variance_metrics(st: _Stats, z: float) -> list[MetricValue]:
                             float(total) + half_total)
     return [
         var_total,
-        MetricValue("grad_var_mean", var_total.value / p, var_total.ci_low / p, var_total.ci_high / p),
+        MetricValue("grad_var_mean", var_total.value / p, var_total.ci_low / p,
+                    var_total.ci_high / p),
         MetricValue("grad_snr", float(st.mean.norm() / total.sqrt()) if total > 0 else math.inf),
     ]
 
