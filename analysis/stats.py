@@ -119,8 +119,21 @@ def _t_interval(x: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def interval(values: Sequence[float], statistic: str = "mean", level: float = 0.95,
-             n_boot: int = 2000, random_state: int | np.random.Generator = 0) -> Interval:
-    """The statistic of the finite per-seed ``values`` with its interval (module docstring)."""
+             n_boot: int = 2000, random_state: int | np.random.Generator = 0,
+             bounds: tuple[float, float] | None = None) -> Interval:
+    """The statistic of the finite per-seed ``values`` with its interval (module docstring).
+    ``bounds``: the range the quantity lives in (e.g. ``(0, inf)`` for a variance or a time);
+    the interval is intersected with it, which keeps its coverage."""
+    iv = _interval(values, statistic, level, n_boot, random_state)
+    if bounds is None:
+        return iv
+    low, high = bounds
+    return iv._replace(ci_low=float(np.clip(iv.ci_low, low, high)),
+                       ci_high=float(np.clip(iv.ci_high, low, high)))
+
+
+def _interval(values: Sequence[float], statistic: str, level: float, n_boot: int,
+              random_state: int | np.random.Generator) -> Interval:
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     fn = STATISTICS[statistic]
@@ -161,8 +174,10 @@ _INTERVAL_COLUMNS = ["value", "ci_low", "ci_high", "interval", "seeds", "warning
 def aggregate(results: pd.DataFrame, metric: str, *, phase: str | None = None,
               step: str | int | None = "last", by: Sequence[str] = tuple(KEYS),
               statistics: Sequence[str] = ("mean", "median", "iqm"), level: float = 0.95,
-              n_boot: int = 2000, random_state: int = 0) -> pd.DataFrame:
-    """Aggregate one metric per configuration with intervals over seeds.
+              n_boot: int = 2000, random_state: int = 0,
+              bounds: tuple[float, float] | None = None) -> pd.DataFrame:
+    """Aggregate one metric per configuration with intervals over seeds (``bounds``: see
+    :func:`interval`).
 
     Returns a tidy frame: ``*by, metric, statistic, value, ci_low, ci_high, interval (method),
     seeds, warning``.
@@ -174,7 +189,7 @@ def aggregate(results: pd.DataFrame, metric: str, *, phase: str | None = None,
         for key, group in _per_seed(rows, by).groupby(list(by), dropna=False, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             for stat in statistics:
-                iv = interval(group["value"], stat, level, n_boot, rng)
+                iv = interval(group["value"], stat, level, n_boot, rng, bounds)
                 out.append({**dict(zip(by, key)), "metric": metric, "statistic": stat,
                             **_interval_row(iv)})
     return pd.DataFrame(out, columns=[*by, "metric", "statistic", *_INTERVAL_COLUMNS])
@@ -182,9 +197,9 @@ def aggregate(results: pd.DataFrame, metric: str, *, phase: str | None = None,
 
 def curves(results: pd.DataFrame, metric: str, *, phase: str, by: Sequence[str] = tuple(KEYS),
            statistic: str = "mean", level: float = 0.95, n_boot: int = 1000,
-           random_state: int = 0) -> pd.DataFrame:
+           random_state: int = 0, bounds: tuple[float, float] | None = None) -> pd.DataFrame:
     """A metric along training: per configuration and step, the statistic over seeds with its
-    interval, plus ``wall_time_s`` (mean over seeds) where the run recorded it.
+    interval (``bounds``: see :func:`interval`), plus ``wall_time_s`` (mean over seeds) where the run recorded it.
 
     Returns ``*by, step, wall_time_s, value, ci_low, ci_high, interval, seeds, warning``.
     """
@@ -195,7 +210,7 @@ def curves(results: pd.DataFrame, metric: str, *, phase: str, by: Sequence[str] 
     rng = np.random.default_rng(random_state)
     out = []
     for key, group in _per_seed(rows, [*by, "step"]).groupby([*by, "step"], sort=True):
-        iv = interval(group["value"], statistic, level, n_boot, rng)
+        iv = interval(group["value"], statistic, level, n_boot, rng, bounds)
         out.append({**dict(zip([*by, "step"], key)), **_interval_row(iv)})
     table = pd.DataFrame(out)
     wall = select(results, "wall_time_s", "train")

@@ -5,7 +5,8 @@ and ``test -IWAE``, each from m = the task's ``eval_samples`` samples per image,
 the exact objective and the discrete objective f at hard samples at the end of training (``final
 loss``; never the relaxed value an estimator may train on, which is ``loss_estimator``), whether
 bias was detected at any checkpoint and the bias norm at step 0 (:mod:`analysis.bias`), variance,
-cosine, cost. Each value is the mean over seeds with its interval (:mod:`analysis.stats`); the
+cosine, cost. Each value is the mean over seeds with its interval (:mod:`analysis.stats`),
+intersected with the range of the quantity (a variance or a time is not negative); the
 ``interval`` column names the method and ``note`` warns when there are too few seeds.
 """
 
@@ -22,17 +23,20 @@ from analysis.tidy import KEYS, add_labels
 
 __all__ = ["SUMMARY_METRICS", "summary_table", "format_summary"]
 
-#: (column title, phases to read in order of preference, metric, which step of each cell);
-#: evaluation metrics moved from phase 'train' to 'eval': old runs are read from 'train'
+POSITIVE = (0.0, np.inf)
+
+#: (column title, phases to read in order of preference, metric, which step of each cell, the
+#: range of the quantity or None); evaluation metrics moved from phase 'train' to 'eval': old
+#: runs are read from 'train'
 SUMMARY_METRICS = (
-    ("test -ELBO", ("eval", "train"), "test_neg_elbo", "last"),
-    ("test -IWAE", ("eval", "train"), "test_neg_iwae", "last"),
-    ("final loss_exact", ("eval", "train"), "loss_exact", "last"),
-    ("final loss", ("train",), "loss", "last"),
-    ("variance @0", ("gradient",), "grad_var_total", "first"),
-    ("cosine @0", ("gradient",), "grad_cosine", "first"),
-    ("time/estimate (s)", ("throughput",), "time_per_estimate_s", "first"),
-    ("f evals", ("throughput",), "f_evals", "first"),
+    ("test -ELBO", ("eval", "train"), "test_neg_elbo", "last", None),
+    ("test -IWAE", ("eval", "train"), "test_neg_iwae", "last", None),
+    ("final loss_exact", ("eval", "train"), "loss_exact", "last", None),
+    ("final loss", ("train",), "loss", "last", None),
+    ("variance @0", ("gradient",), "grad_var_total", "first", POSITIVE),
+    ("cosine @0", ("gradient",), "grad_cosine", "first", (-1.0, 1.0)),
+    ("time/estimate (s)", ("throughput",), "time_per_estimate_s", "first", POSITIVE),
+    ("f evals", ("throughput",), "f_evals", "first", POSITIVE),
 )
 
 #: where the bias columns go (after the losses)
@@ -54,13 +58,14 @@ def _preferred_phase(labelled: pd.DataFrame, phases: tuple[str, ...], metric: st
 
 
 def _metric_table(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str, step: str,
-                  statistic: str, n_boot: int, random_state: int) -> pd.DataFrame:
+                  bounds: tuple[float, float] | None, statistic: str, n_boot: int,
+                  random_state: int) -> pd.DataFrame:
     """The aggregate of ``metric`` per configuration (empty if no cell has it)."""
     rows = _preferred_phase(labelled, phases, metric)
     if rows.empty:
         return pd.DataFrame()
     table = aggregate(rows, metric, step=step, statistics=(statistic,), n_boot=n_boot,
-                      random_state=random_state)
+                      random_state=random_state, bounds=bounds)
     return table.set_index(KEYS)
 
 
@@ -93,8 +98,9 @@ def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 
         return pd.DataFrame(columns=[*KEYS, "seeds"])
     seeds = labelled.groupby(KEYS)["seed"].nunique().rename("seeds")
     parts, methods = [seeds], []
-    for title, phases, metric, step in SUMMARY_METRICS:
-        table = _metric_table(labelled, phases, metric, step, statistic, n_boot, random_state)
+    for title, phases, metric, step, bounds in SUMMARY_METRICS:
+        table = _metric_table(labelled, phases, metric, step, bounds, statistic, n_boot,
+                              random_state)
         if table.empty:
             continue
         parts += [table["value"].rename(title), table["ci_low"].rename(f"{title} lo"),

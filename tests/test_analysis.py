@@ -58,6 +58,14 @@ def test_interval_methods_for_degenerate_inputs():
     assert interval([1.0, 2.0, 3.0, 4.0], "median").method == "percentile"
 
 
+def test_interval_is_intersected_with_the_range_of_the_quantity():
+    times = [1e-4, 2e-4, 9e-4]
+    free = interval(times)
+    assert free.ci_low < 0  # a t interval over three skewed positive values
+    bounded = interval(times, bounds=(0.0, np.inf))
+    assert bounded.ci_low == 0.0 and bounded[:1] + bounded[2:] == free[:1] + free[2:]
+
+
 def test_bootstrap_is_reproducible_and_handles_single_seeds():
     x = [1.0, 2.0, 4.0, 8.0]
     assert bootstrap_ci(x, random_state=3) == bootstrap_ci(x, random_state=3)
