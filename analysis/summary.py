@@ -1,46 +1,129 @@
-"""The per-task summary table: headline metrics per estimator configuration, with intervals."""
+"""The per-task summary table: headline metrics per estimator configuration, with intervals.
+
+Headlines, in this order where the run has them: the VAE bounds on the test set (``test -ELBO``
+and ``test -IWAE``, each from m = the task's ``eval_samples`` samples per image, column ``m``),
+the exact objective and the discrete objective f at hard samples at the end of training (``final
+loss``; never the relaxed value an estimator may train on, which is ``loss_estimator``), whether
+bias was detected at any checkpoint and the bias norm at step 0 (:mod:`analysis.bias`), variance,
+cosine, cost. Each value is the mean over seeds with its interval (:mod:`analysis.stats`),
+intersected with the range of the quantity (a variance or a time is not negative); the
+``interval`` column names the method and ``note`` warns when there are too few seeds.
+"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 
-from analysis.stats import aggregate
+from analysis.bias import BIAS_ALPHA, bias_tests
+from analysis.stats import aggregate, few_seeds_warning
 from analysis.tidy import KEYS, add_labels
 
 __all__ = ["SUMMARY_METRICS", "summary_table", "format_summary"]
 
-#: (column title, phase, metric, which step of each cell)
+POSITIVE = (0.0, np.inf)
+
+#: (column title, phases to read in order of preference, metric, which step of each cell, the
+#: range of the quantity or None); evaluation metrics moved from phase 'train' to 'eval': old
+#: runs are read from 'train'
 SUMMARY_METRICS = (
-    ("final loss_exact", "eval", "loss_exact", "last"),
-    ("final loss", "train", "loss", "last"),
-    ("bias norm @0", "gradient", "grad_bias_norm", "first"),
-    ("variance @0", "gradient", "grad_var_total", "first"),
-    ("cosine @0", "gradient", "grad_cosine", "first"),
-    ("time/estimate (s)", "throughput", "time_per_estimate_s", "first"),
-    ("f evals", "throughput", "f_evals", "first"),
+    ("test -ELBO", ("eval", "train"), "test_neg_elbo", "last", None),
+    ("test -IWAE", ("eval", "train"), "test_neg_iwae", "last", None),
+    ("final loss_exact", ("eval", "train"), "loss_exact", "last", None),
+    ("final loss", ("train",), "loss", "last", None),
+    ("variance @0", ("gradient",), "grad_var_total", "first", POSITIVE),
+    ("cosine @0", ("gradient",), "grad_cosine", "first", (-1.0, 1.0)),
+    ("time/estimate (s)", ("throughput",), "time_per_estimate_s", "first", POSITIVE),
+    ("f evals", ("throughput",), "f_evals", "first", POSITIVE),
 )
+
+#: where the bias columns go (after the losses)
+_BIAS_AFTER = "final loss"
+BIAS_TITLE = "bias norm @0"
+DETECTED_TITLE = "bias detected"
+
+
+def _preferred_phase(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str
+                     ) -> pd.DataFrame:
+    """Rows of ``metric`` from, in each cell, the first of ``phases`` that has it (so runs from
+    before evaluation moved to phase 'eval' still read, also beside newer runs)."""
+    rows = labelled[(labelled["metric"] == metric) & labelled["phase"].isin(phases)]
+    if rows.empty:
+        return rows
+    preference = rows["phase"].map({phase: i for i, phase in enumerate(phases)})
+    best = preference.groupby(rows["cell"]).transform("min")
+    return rows[preference == best]
+
+
+def _metric_table(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str, step: str,
+                  bounds: tuple[float, float] | None, statistic: str, n_boot: int,
+                  random_state: int) -> pd.DataFrame:
+    """The aggregate of ``metric`` per configuration (empty if no cell has it)."""
+    rows = _preferred_phase(labelled, phases, metric)
+    if rows.empty:
+        return pd.DataFrame()
+    table = aggregate(rows, metric, step=step, statistics=(statistic,), n_boot=n_boot,
+                      random_state=random_state, bounds=bounds)
+    return table.set_index(KEYS)
+
+
+def _eval_samples(labelled: pd.DataFrame) -> pd.Series:
+    """m = ``eval_samples`` of each configuration's task (NaN where the task has none)."""
+    first = labelled.groupby(KEYS)["task_params"].first()
+    return first.map(lambda raw: json.loads(raw).get("eval_samples", np.nan)).astype(float)
+
+
+def _bias_columns(labelled: pd.DataFrame, alpha: float) -> list[pd.Series]:
+    detected = bias_tests(labelled, step=None, alpha=alpha).set_index(KEYS)
+    at_zero = bias_tests(labelled, step="first", alpha=alpha).set_index(KEYS)
+    if detected.empty:
+        return []
+    return [detected["bias_detected"].rename(DETECTED_TITLE),
+            detected["pvalue"].rename(f"{DETECTED_TITLE} p"),
+            at_zero["bias_norm"].rename(BIAS_TITLE), at_zero["ci_low"].rename(f"{BIAS_TITLE} lo"),
+            at_zero["ci_high"].rename(f"{BIAS_TITLE} hi")]
 
 
 def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 1000,
-                  random_state: int = 0) -> pd.DataFrame:
-    """One row per (task, estimator configuration); for each headline metric the statistic over
-    seeds and its bootstrap interval (columns ``<title>``, ``<title> lo``, ``<title> hi``)."""
+                  random_state: int = 0, alpha: float = BIAS_ALPHA) -> pd.DataFrame:
+    """One row per (task, estimator configuration): ``seeds``, ``interval`` (method), ``note``,
+    ``m``; for each headline metric the statistic over seeds and its interval (columns
+    ``<title>``, ``<title> lo``, ``<title> hi``); ``bias detected`` (Holm over every seed and
+    checkpoint at family-wise level ``alpha``), its combined p-value ``bias detected p`` and
+    ``bias norm @0`` with its interval (:func:`analysis.bias.bias_tests`)."""
     labelled = add_labels(results) if "task_label" not in results else results
     if labelled.empty:
         return pd.DataFrame(columns=[*KEYS, "seeds"])
     seeds = labelled.groupby(KEYS)["seed"].nunique().rename("seeds")
-    parts = [seeds]
-    for title, phase, metric, step in SUMMARY_METRICS:
-        table = aggregate(labelled, metric, phase=phase, step=step, statistics=(statistic,),
-                          n_boot=n_boot, random_state=random_state)
+    parts, methods = [seeds], []
+    for title, phases, metric, step, bounds in SUMMARY_METRICS:
+        table = _metric_table(labelled, phases, metric, step, bounds, statistic, n_boot,
+                              random_state)
         if table.empty:
             continue
-        table = table.set_index(KEYS)
         parts += [table["value"].rename(title), table["ci_low"].rename(f"{title} lo"),
                   table["ci_high"].rename(f"{title} hi")]
-    out = pd.concat(parts, axis=1).reset_index()
-    return out.sort_values(KEYS, kind="stable").reset_index(drop=True)
+        methods.append(table["interval"])
+        if title == _BIAS_AFTER:
+            parts += _bias_columns(labelled, alpha)
+    if _BIAS_AFTER not in {p.name for p in parts}:
+        parts += _bias_columns(labelled, alpha)
+    out = pd.concat(parts, axis=1)
+    out["interval"] = _methods(methods, out.index)
+    out["note"] = [few_seeds_warning(int(s)) for s in out["seeds"]]
+    out["m"] = _eval_samples(labelled).reindex(out.index)
+    return out.reset_index().sort_values(KEYS, kind="stable").reset_index(drop=True)
+
+
+def _methods(methods: list[pd.Series], index: pd.Index) -> pd.Series:
+    """The interval methods a row used, other than 'constant' and 'none' (e.g. 't')."""
+    if not methods:
+        return pd.Series("", index=index)
+    frame = pd.concat(methods, axis=1).reindex(index)
+    return frame.apply(lambda row: ", ".join(sorted(
+        {m for m in row.dropna() if m not in ("constant", "none")})), axis=1)
 
 
 def _fmt(value: float) -> str:
@@ -49,14 +132,42 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _detected(value, pvalue: float) -> str:
+    if value is pd.NA or value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{'yes' if value else 'no'} (p={_fmt(pvalue)})"
+
+
 def format_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Render ``value [lo, hi]`` strings for display (tables in the CLI, report and markdown)."""
-    titles = [t for t, *_ in SUMMARY_METRICS if t in table.columns]
+    """Render ``value [lo, hi]`` strings for display (tables in the CLI, report and markdown);
+    columns with no value in any row are left out."""
     out = table[[*KEYS, "seeds"]].copy()
-    for title in titles:
+    if "m" in table and table["m"].notna().any():
+        out["m"] = [_fmt(v) for v in table["m"]]
+    for title in [t for t, *_ in SUMMARY_METRICS]:
+        if title not in table.columns:
+            continue
         lo, hi = table[f"{title} lo"], table[f"{title} hi"]
         out[title] = [
             _fmt(v) if np.isnan(a) or np.isnan(b) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
             for v, a, b in zip(table[title], lo, hi)
         ]
-    return out
+        if title == _BIAS_AFTER:
+            _add_bias(out, table)
+    if DETECTED_TITLE not in out:
+        _add_bias(out, table)
+    for column in ("interval", "note"):
+        if column in table:
+            out[column] = table[column]
+    shown = [c for c in out.columns if c in KEYS or c == "seeds" or not (out[c] == "–").all()]
+    return out[shown]
+
+
+def _add_bias(out: pd.DataFrame, table: pd.DataFrame) -> None:
+    if DETECTED_TITLE not in table:
+        return
+    out[DETECTED_TITLE] = [_detected(v, p) for v, p in
+                           zip(table[DETECTED_TITLE], table[f"{DETECTED_TITLE} p"])]
+    lo, hi = table[f"{BIAS_TITLE} lo"], table[f"{BIAS_TITLE} hi"]
+    out[BIAS_TITLE] = [_fmt(v) if np.isnan(a) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
+                       for v, a, b in zip(table[BIAS_TITLE], lo, hi)]

@@ -42,7 +42,7 @@ from estbench.gradients import (
 )
 from estbench.interruption import StopOnSignals
 from estbench.latents import Latent, one_hot
-from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics
+from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics, value_scale
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure
 from estbench.store import to_rows
@@ -171,12 +171,13 @@ def _gradient_phase(
             else:
                 streams[key].add(part)
     values: list[MetricValue] = []
+    scale = value_scale(task.latent, task.logits(params, batch), task.cost(params, batch))
     for key in views:
         ref, ref_var = refs[key]
         if exact:
-            metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var)
+            metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var, scale=scale)
         else:
-            metrics = streams[key].metrics(ref_var)
+            metrics = streams[key].metrics(ref_var, scale=scale)
         values += _prefixed(key, metrics)
     if reference_var is not None:
         values.append(MetricValue("grad_ref_se_norm", float(reference_var.sum().sqrt())))

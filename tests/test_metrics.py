@@ -107,3 +107,89 @@ def test_streaming_metrics_agree_with_the_exact_ones():
     for metrics in (exact, streamed):  # both intervals cover the truth
         assert metrics["grad_bias_norm"].ci_low <= float(bias.norm()) <= metrics["grad_bias_norm"].ci_high
         assert metrics["grad_var_total"].ci_low <= true_total <= metrics["grad_var_total"].ci_high
+
+
+def test_bias_test_has_its_level_with_student_t_tails_where_normal_tails_reject_too_often():
+    """Gaussian unbiased draws at M = 10 over P = 40 coordinates: the Bonferroni max-|t| test
+    rejects at most alpha of the time (binomial tolerance over 2000 replications), while the
+    normal tail the test used before rejects far more often (it fails this test)."""
+    from scipy import special
+
+    from estbench.metrics import bias_pvalue
+
+    reps, m, p, alpha = 2000, 10, 40, 0.05
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.randn(reps, m, p, generator=gen, dtype=torch.float64)
+    t_max = (draws.mean(1) / (draws.var(1) / m).sqrt()).abs().amax(1)
+    ours = torch.tensor([bias_pvalue(float(t), p, m) for t in t_max])
+    normal = torch.clamp(p * torch.from_numpy(special.erfc(t_max.numpy() / math.sqrt(2))), max=1)
+    tolerance = 3 * math.sqrt(alpha * (1 - alpha) / reps)
+    assert float((ours < alpha).double().mean()) <= alpha + tolerance
+    assert float((ours < alpha).double().mean()) >= alpha - tolerance  # not blindly conservative
+    assert float((normal < alpha).double().mean()) > 4 * alpha
+
+
+def test_gradient_metrics_use_the_t_test():
+    from estbench.metrics import bias_pvalue
+
+    g, truth = _draws(8, torch.zeros(5), 1.0, seed=4)
+    m = _as_dict(gradient_metrics(g, truth))
+    assert m["grad_bias_pvalue"].value == pytest.approx(bias_pvalue(m["grad_bias_z"].value, 5, 8))
+    assert math.isnan(_as_dict(gradient_metrics(g[:1], truth))["grad_bias_pvalue"].value)
+
+
+def _saturated(task_name):
+    """A toy task at parameters where training leaves it: logits near +-4, gradient ~1e-5."""
+    from estbench.registry import TASKS
+
+    if task_name == "polynomial":
+        task = TASKS.get(task_name)(dim=8, batch_size=8)
+        logits = torch.tensor([[-3.77, 3.77]]).repeat(8, 1) + 0.01 * torch.arange(8.0)[:, None]
+    else:
+        task = TASKS.get(task_name)(dim=4, categories=3)
+        task.init(torch.Generator().manual_seed(0))
+        logits = torch.tensor([[-5.6, 4.0, -4.5], [-4.7, -3.2, 4.8], [3.8, -4.0, -4.3],
+                               [-4.1, 4.4, -3.9]])
+    return task, {"logits": logits.requires_grad_(True)}
+
+
+@pytest.mark.parametrize("task_name", ["polynomial", "categorical-toy"])
+@pytest.mark.parametrize("est_name", ["exact", "indecater"])
+def test_exact_estimators_do_not_test_biased_once_the_gradient_is_tiny(task_name, est_name):
+    """float32 round-off (a few ulps of |f|, not of |g*|) is not bias: before the floor these
+    gave p = 0 and p = 3e-43 after training; and the floor stays a few ulps wide, since a
+    deterministic offset of 1e-5 |f| is still detected."""
+    from estbench.gradients import reference_gradient, sample_gradients
+    from estbench.metrics import value_scale
+    from estbench.registry import ESTIMATORS
+
+    task, params = _saturated(task_name)
+    estimator = ESTIMATORS.get(est_name)()
+    torch.manual_seed(0)
+    draws = sample_gradients(task, estimator, params, None, 50)
+    reference = reference_gradient(task, params, None)
+    assert float(reference.abs().max()) < 3e-4
+    scale = value_scale(task.latent, task.logits(params, None), task.cost(params, None))
+    m = _as_dict(gradient_metrics(draws, reference, scale=scale))
+    assert m["grad_bias_pvalue"].value > 0.05 and m["grad_bias_norm"].ci_low == 0
+    offset = draws.clone()
+    offset[:, 0] += 1e-5 * scale
+    offset_metrics = _as_dict(gradient_metrics(offset, reference, scale=scale))
+    assert offset_metrics["grad_bias_pvalue"].value < 1e-6
+
+
+def test_squared_bias_is_unclipped_and_its_interval_covers_the_truth():
+    """grad_bias_sq is unbiased for ||b||^2 (negative values kept): its mean over 100 seeds of
+    unbiased draws is 0 within 3 standard errors, and its intervals cover a known ||b||^2."""
+    squares, covered = [], 0
+    bias = torch.tensor([0.04, 0.0, -0.03], dtype=torch.float64)
+    for seed in range(100):
+        g, truth = _draws(100, torch.zeros(3), 0.5, seed=seed)
+        squares.append(_as_dict(gradient_metrics(g, truth))["grad_bias_sq"].value)
+        g, truth = _draws(1000, bias, 0.5, seed=1000 + seed)
+        sq = _as_dict(gradient_metrics(g, truth))["grad_bias_sq"]
+        covered += sq.ci_low <= float(bias.pow(2).sum()) <= sq.ci_high
+    squares = torch.tensor(squares)
+    assert (squares < 0).any()
+    assert abs(float(squares.mean())) < 3 * float(squares.std()) / math.sqrt(len(squares))
+    assert covered >= 88  # 95% intervals: P(covered < 88 of 100) < 1%

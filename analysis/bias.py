@@ -1,0 +1,111 @@
+"""Is a configuration biased? The per-cell bias tests combined over seeds and checkpoints.
+
+Each cell records, at each checkpoint, the Bonferroni max-|t| p-value of "the mean estimate equals
+the reference" (``grad_bias_pvalue``) and an unclipped estimate of the squared bias norm with its
+delta-method interval (``grad_bias_sq``; see :mod:`estbench.metrics`). The draws themselves are
+not kept and the parameters differ between seeds (the initialisation depends on the seed on every
+built-in task but ``bernoulli-toy``, and training moves them), so draws are never pooled: the
+per-seed tests are combined.
+
+- **Detection** over the k tests of a configuration (seeds, or seeds x checkpoints):
+  ``holm`` (default): Holm's step-down procedure at family-wise level ``alpha``; the combined
+  p-value is its first step, min(1, k min_j p_j), and ``rejecting`` counts the tests Holm rejects.
+  Valid whatever the dependence between tests. ``fisher``: -2 sum_j log p_j ~ chi^2_{2k} under
+  the null (independent seeds; conservative p-values keep it valid), more powerful against a
+  small bias seen at every seed.
+- **Size**: the mean over seeds of the unclipped squared-norm estimates, with standard error
+  sqrt(sum_s se_s^2) / S from the per-cell delta-method intervals (the bias at these seeds'
+  parameters), a normal interval, and only then sqrt(max(0, .)) of the estimate and of both
+  limits. Never an interval of clipped per-seed norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import special, stats
+
+from analysis.tidy import KEYS, select
+
+__all__ = ["BIAS_ALPHA", "CELL_LEVEL", "combine_pvalues", "holm_rejections", "bias_tests"]
+
+#: default family-wise level per configuration: a 21-configuration, 3-task matrix then expects
+#: about 0.06 false alarms in all (and `estbench check` uses the same level)
+BIAS_ALPHA = 1e-3
+#: the level of the per-cell intervals that the run recorded (``gradient_metrics`` default)
+CELL_LEVEL = 0.95
+
+COMBINATIONS = ("holm", "fisher")
+
+
+def holm_rejections(pvalues: Sequence[float], alpha: float) -> int:
+    """How many hypotheses Holm's step-down procedure rejects at family-wise level ``alpha``:
+    the sorted p_(j) are rejected while p_(j) <= alpha / (k - j + 1)."""
+    p = np.sort(np.asarray(pvalues, dtype=float))
+    k = p.size
+    passed = p <= alpha / (k - np.arange(k))
+    return int(k if passed.all() else np.argmin(passed))
+
+
+def combine_pvalues(pvalues: Sequence[float], method: str = "holm") -> float:
+    """One p-value for "no test in the family is biased" (module docstring); NaN if empty."""
+    if method not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {COMBINATIONS}, got {method!r}")
+    p = np.asarray(pvalues, dtype=float)
+    p = p[np.isfinite(p)]
+    if p.size == 0:
+        return np.nan
+    if method == "holm":
+        return float(min(1.0, p.size * p.min()))
+    statistic = -2 * np.log(np.maximum(p, np.finfo(float).tiny)).sum()
+    return float(stats.chi2.sf(statistic, 2 * p.size))
+
+
+def _bias_size(squares: pd.DataFrame, level: float) -> tuple[float, float, float]:
+    """(norm, low, high) from per-seed unclipped squared norms with their cell intervals."""
+    squares = squares[np.isfinite(squares["value"].to_numpy(float))]
+    if squares.empty:
+        return np.nan, np.nan, np.nan
+    cell_z = special.ndtri(0.5 + CELL_LEVEL / 2)
+    se = (squares["ci_high"] - squares["ci_low"]).to_numpy(float) / (2 * cell_z)
+    mean = float(squares["value"].mean())
+    half = special.ndtri(0.5 + level / 2) * float(np.sqrt(np.nansum(se**2))) / len(squares)
+    root = (lambda x: float(np.sqrt(max(x, 0.0))))
+    return root(mean), root(mean - half), root(mean + half)
+
+
+def bias_tests(results: pd.DataFrame, *, step: str | int | None = None, prefix: str = "",
+               alpha: float = BIAS_ALPHA, method: str = "holm", level: float = 0.95,
+               by: Sequence[str] = tuple(KEYS)) -> pd.DataFrame:
+    """Per configuration: is bias detected over its seeds and the chosen checkpoints, and how
+    large is it. ``step``: None combines every checkpoint (detection over the whole run);
+    'first' / 'last' / an int picks one checkpoint per cell. ``prefix``: a view such as
+    ``'logits/'`` or ``'encoder/'``.
+
+    Returns ``*by, tests, seeds, pvalue, method, alpha, rejecting, bias_detected, bias_norm,
+    ci_low, ci_high`` (bias size at the first selected checkpoint of each cell).
+    """
+    columns = [*by, "tests", "seeds", "pvalue", "method", "alpha", "rejecting", "bias_detected",
+               "bias_norm", "ci_low", "ci_high"]
+    pvalues = select(results, f"{prefix}grad_bias_pvalue", "gradient", step)
+    if pvalues.empty:
+        return pd.DataFrame(columns=columns)
+    squares = select(results, f"{prefix}grad_bias_sq", "gradient", step)
+    squares = squares.sort_values("step", kind="stable").groupby("cell", sort=False).head(1)
+    sizes = dict(iter(squares.groupby(list(by), sort=False))) if not squares.empty else {}
+    out = []
+    for key, group in pvalues.groupby(list(by), sort=True):
+        p = group["value"].to_numpy(float)
+        p = p[np.isfinite(p)]
+        combined = combine_pvalues(p, method)
+        rejecting = holm_rejections(p, alpha) if method == "holm" else int(combined <= alpha)
+        key = key if isinstance(key, tuple) else (key,)
+        size = _bias_size(sizes[key], level) if key in sizes else (np.nan,) * 3
+        out.append({**dict(zip(by, key)), "tests": int(p.size),
+                    "seeds": int(group["seed"].nunique()), "pvalue": combined, "method": method,
+                    "alpha": alpha, "rejecting": rejecting,
+                    "bias_detected": bool(combined <= alpha) if p.size else pd.NA,
+                    "bias_norm": size[0], "ci_low": size[1], "ci_high": size[2]})
+    return pd.DataFrame(out, columns=columns)
