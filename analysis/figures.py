@@ -82,7 +82,7 @@ def _readable_log(axis, values) -> None:
         low, high = v.min(), v.max()
         if high / low < 1.2:
             low, high = low / 1.1, high * 1.1
-        pad = (high / low) ** 0.06
+        pad = max((high / low) ** 0.07, 1.3)
         limits = (low / pad, high * pad)
         (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
         decades = math.log10(limits[1] / limits[0])
@@ -95,6 +95,13 @@ def _readable_log(axis, values) -> None:
         axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
         axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _extent(values, low, high) -> np.ndarray:
+    """What a log axis should span: the values, their upper interval ends, and the lower ends
+    that lie within 1.5 decades of their value (a lower end near zero would squeeze the rest)."""
+    values, low, high = (np.asarray(v, dtype=float) for v in (values, low, high))
+    return np.concatenate([values, high, low[low >= values / 30]])
 
 
 def _grid(rows: list, cols: list, height: float = PANEL_HEIGHT, width: float = PANEL_WIDTH,
@@ -193,7 +200,7 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
         ax.set_ylabel(ylabel)
         if log_y:
             ax.set_yscale("log")
-            extent = pd.concat([shown["value"], shown["ci_low"], shown["ci_high"]])
+            extent = _extent(shown["value"], shown["ci_low"], shown["ci_high"])
             _readable_log(ax.yaxis, extent[_on_log(extent, panel["value"])])
     _titles(axes, len(runs) > 1)
     if title:
@@ -287,8 +294,9 @@ def plot_bias_variance(table: pd.DataFrame, title: str = "",
         ax.set_xscale("log")
         ax.set_yscale("log")
         shown = panel[ok]
-        _readable_log(ax.xaxis, shown["variance"])
-        _readable_log(ax.yaxis, shown["bias"])
+        _readable_log(ax.xaxis, _extent(shown["variance"], shown["variance_lo"],
+                                         shown["variance_hi"]))
+        _readable_log(ax.yaxis, _extent(shown["bias"], shown["bias_lo"], shown["bias_hi"]))
         ax.set_xlabel("gradient variance tr Cov")
         ax.set_ylabel("bias norm ‖E ĝ − ∇L‖")
         ax.set_title(f"{run}, step {step}\n{task}" if multi_run else f"step {step}\n{task}",
@@ -330,7 +338,7 @@ def plot_against_temperature(table: pd.DataFrame, title: str = "") -> Figure:
         ax.set_xscale("log")
         ax.set_yscale("log")
         _readable_log(ax.xaxis, panel["temperature"])
-        _readable_log(ax.yaxis, pd.concat([panel["value"], panel["ci_high"]]))
+        _readable_log(ax.yaxis, _extent(panel["value"], panel["ci_low"], panel["ci_high"]))
         ax.set_xlabel("temperature τ")
         ax.set_ylabel("bias norm" if metric == "bias" else "variance tr Cov")
         ax.set_title(f"{run}\n{task}" if multi_run else task, fontsize=10)
@@ -378,7 +386,8 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
         ax.set_yticks(range(len(order)), order, fontsize=8)
         ax.set_ylim(len(order) - 0.5, -0.5)
         ax.set_xscale("log")
-        _readable_log(ax.xaxis, panel["value"][_on_log(panel["value"], panel["value"])])
+        shown = panel[_on_log(panel["value"], panel["value"])]
+        _readable_log(ax.xaxis, _extent(shown["value"], shown["ci_low"], shown["ci_high"]))
         unit = "f evaluations" if cost.startswith("f") else "s"
         ax.set_xlabel(f"variance x cost (tr Cov x {unit}; lower is better)")
         ax.set_title(f"{run}: {cost}\n{task}" if multi_run else f"{cost}\n{task}", fontsize=10)

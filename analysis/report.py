@@ -136,13 +136,17 @@ def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
 
 
 def _save(fig: Figure, directory: Path, stem: str) -> bytes:
-    """Write the figure in every format; returns the PNG bytes (rendered once) for embedding."""
+    """Write the figure in every format; returns the PNG bytes for embedding. The layout and
+    the tight bounding box are computed once and then frozen, so each format is drawn once."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    bbox = fig.get_tightbbox().padded(0.1)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches=bbox)
     png = buffer.getvalue()
     (directory / f"{stem}.png").write_bytes(png)
     for fmt in FIGURE_FORMATS[1:]:
-        fig.savefig(directory / f"{stem}.{fmt}", bbox_inches="tight")
+        fig.savefig(directory / f"{stem}.{fmt}", bbox_inches=bbox)
     return png
 
 
@@ -203,8 +207,18 @@ def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.Data
 
 def _render(frame: pd.DataFrame) -> str:
     """Any DataFrame as an HTML table (floats to 4 significant digits)."""
-    return frame.to_html(index=False, border=0, escape=True, na_rep="–",
-                         float_format="{:.4g}".format)
+    table = frame.to_html(index=False, border=0, escape=True, na_rep="–",
+                          float_format="{:.4g}".format)
+    return f"<div class='scroll'>{table}</div>"
+
+
+def _render_per_task(frame: pd.DataFrame) -> str:
+    """A frame with a ``task_label`` column as one table per task, side by side."""
+    if "task_label" not in frame or frame["task_label"].nunique() < 2:
+        return _render(frame)
+    tables = [f"<div><h3>{html.escape(str(task))}</h3>{_render(rows.drop(columns='task_label'))}"
+              f"</div>" for task, rows in frame.groupby("task_label", sort=True)]
+    return f"<div class='row'>{''.join(tables)}</div>"
 
 
 def _cell_problems(runs: list[Run]) -> pd.DataFrame:
@@ -228,11 +242,25 @@ def _cell_problems(runs: list[Run]) -> pd.DataFrame:
 def _spec_text(run: Run) -> tuple[str, str]:
     """The resolved spec the results came from (the manifest's record), else ``spec.toml``."""
     if "spec" in run.manifest:
-        return ("resolved spec, from manifest.json",
-                json.dumps(run.manifest["spec"], indent=2, sort_keys=True))
+        return "resolved spec, from manifest.json", _compact_spec(run.manifest["spec"])
     spec = run.path / "spec.toml"
     text = spec.read_text() if spec.is_file() else "(no spec recorded)"
     return "spec.toml (this run's manifest records no resolved spec)", text
+
+
+def _compact_spec(spec: dict) -> str:
+    """One line per key; lists of ``[name, params]`` pairs (tasks, estimators) one per line."""
+    lines = []
+    for key in sorted(spec):
+        value = spec[key]
+        pairs = isinstance(value, list) and value and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) for v in value)
+        if pairs:
+            lines.append(f"{key}:")
+            lines += [f"  {name} {json.dumps(params, sort_keys=True)}" for name, params in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value, sort_keys=True)}")
+    return "\n".join(lines)
 
 
 STYLE = """
@@ -241,6 +269,7 @@ max-width:1400px;color:#222;padding:0 1rem}
 h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0 1rem}
 th,td{border:1px solid #ddd;padding:.2rem .45rem;text-align:right}
+.scroll{overflow-x:auto} .row{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start}
 th{background:#f4f4f4} td:first-child,td:nth-child(2){text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 pre{background:#f7f7f7;padding:.75rem;overflow-x:auto;font-size:.8rem}
@@ -299,7 +328,7 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
     metric, frames = ranking
     if frames:
         parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>")
-        parts.append(_render(frames[0]))
+        parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
             parts.append(f"<details><summary>{', '.join(map(html.escape, frame.columns))} "
                          f"({len(frame)} rows)</summary>{_render(frame)}</details>")

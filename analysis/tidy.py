@@ -21,7 +21,8 @@ CONFIG = ["run_label", *KEYS]
 
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     """A unique, short label per run directory: its name, with as many parent folders as it takes
-    to tell it from the others (``a/quick``, ``b/quick``). The same directory twice is an error."""
+    to tell it from the others (``a/quick``, ``b/quick``, ``other``). The same directory twice
+    is an error."""
     paths = [Path(p).resolve() for p in run_dirs]
     seen: dict[Path, str] = {}
     for raw, path in zip(run_dirs, paths):
@@ -29,12 +30,16 @@ def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
             raise EstbenchError(f"run directory '{raw}' is given twice (as '{seen[path]}'); "
                                 f"pass each run once")
         seen[path] = str(raw)
-    depth = 1
-    while True:
-        labels = ["/".join(p.parts[-depth:]) for p in paths]
-        if len(set(labels)) == len(labels) or depth >= max(len(p.parts) for p in paths):
-            return labels
-        depth += 1
+    return [_shortest_unique_suffix(path, [p for p in paths if p != path]) for path in paths]
+
+
+def _shortest_unique_suffix(path: Path, others: list[Path]) -> str:
+    """The last parts of ``path``, as few as tell it from every path in ``others``."""
+    for depth in range(1, len(path.parts) + 1):
+        label = "/".join(path.parts[-depth:])
+        if all("/".join(o.parts[-depth:]) != label for o in others):
+            return label.lstrip("/") or str(path)
+    return str(path)
 
 
 def _task_labels(results: pd.DataFrame) -> pd.Series:
