@@ -1,7 +1,10 @@
-"""``estbench report``: figures (PNG and SVG), a self-contained ``report.html`` and ``summary.md``.
+"""``estbench report``: figures (PNG, SVG, PDF), a self-contained ``report.html`` and ``summary.md``.
 
-Given one run directory, the report summarises it; given two, it compares them side by side
-(lines and table columns are labelled with the run). Failed and skipped cells are listed.
+Given one run directory, the report summarises it; given several, it compares them: every row
+carries its run's label (the directory name, with parent folders where two names clash), every
+table and figure keys on (run, task, estimator configuration), and a table gives each run's
+per-metric differences from the first run with paired-bootstrap intervals. Failed and skipped
+cells are listed with their error or skip reason.
 """
 
 from __future__ import annotations
@@ -10,111 +13,141 @@ import base64
 import html
 import io
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from analysis import figures, panels
 from analysis.stats import rank_estimators
-from analysis.summary import format_summary, summary_table
-from analysis.tidy import KEYS, add_labels
+from analysis.styles import config_styles
+from analysis.summary import SUMMARY_METRICS, format_summary, summary_table
+from analysis.tidy import KEYS, add_labels, filter_results, run_labels
 from estbench.errors import EstbenchError
 from estbench.store import atomic_write_text, load_results, read_json
 
-__all__ = ["build_figures", "write_report", "load_runs"]
+__all__ = ["build_figures", "write_report", "load_runs", "combined_results"]
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
 
 
 @dataclass
 class Run:
     path: Path
-    name: str
+    label: str
     results: pd.DataFrame
     manifest: dict
-    spec_text: str
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[Run]:
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Each run's results (labelled with the run's unique label) and manifest."""
+    labels = run_labels(run_dirs)
     runs = []
-    for raw in run_dirs:
+    for raw, label in zip(run_dirs, labels):
         path = Path(raw)
-        results = load_results(path)
+        results = add_labels(load_results(path), run_label=label)
         manifest = read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {}
-        spec = (path / "spec.toml").read_text() if (path / "spec.toml").is_file() else ""
-        runs.append(Run(path, path.name, results, manifest, spec))
-    names = [r.name for r in runs]
-    if len(set(names)) < len(names):
-        for i, run in enumerate(runs):
-            run.name = f"{run.name}#{i + 1}"
+        runs.append(Run(path, label, results, manifest))
     return runs
 
 
-def _combined(runs: list[Run]) -> pd.DataFrame:
-    frames = []
-    for run in runs:
-        frame = run.results.copy()
-        if len(runs) > 1:
-            frame["estimator_label"] = run.name + ": " + frame["estimator_label"]
-        frames.append(frame)
-    non_empty = [f for f in frames if not f.empty]
-    return add_labels(pd.concat(non_empty, ignore_index=True) if non_empty else frames[0])
+def combined_results(runs: Sequence[Run]) -> pd.DataFrame:
+    """Every run's rows in one table, each with its ``run_label``."""
+    non_empty = [r.results for r in runs if not r.results.empty]
+    return pd.concat(non_empty, ignore_index=True) if non_empty else runs[0].results
 
 
 CURVE_LABELS = {
     "loss_exact": "exact expected cost L(θ)",
-    "loss": "sampled cost f(z)",
-    "grad_var_ema": "gradient variance along training (EMA 0.999)",
+    "loss": "cost f at hard samples",
+    "loss_estimator": "cost the estimator evaluated",
+    "grad_var_ema": "gradient variance along training (EMA)",
 }
 
 
 def _curve_metrics(results: pd.DataFrame) -> list[str]:
-    """Every metric recorded along training (exact loss first), except the clock itself."""
+    """Every metric recorded along training (known ones first), except the clock itself."""
     along = results[results["phase"].isin(["train", "eval"])]["metric"].unique()
     found = [m for m in along if m != "wall_time_s"]
-    return sorted(found, key=lambda m: (m not in CURVE_LABELS, list(CURVE_LABELS).index(m)
-                                        if m in CURVE_LABELS else 0, m))
+    known = list(CURVE_LABELS)
+    return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), m))
 
 
-def build_figures(results: pd.DataFrame) -> dict[str, plt.Figure]:
-    """Every report figure that the results support, by file stem."""
-    out: dict[str, plt.Figure] = {}
+def _headline_metric(results: pd.DataFrame) -> tuple[str, str]:
+    """The metric to rank and profile by: the exact loss where recorded, else the loss at hard
+    samples. Returns ``(metric, phase)``."""
+    for metric in ("loss_exact", "loss"):
+        phases = results.loc[results["metric"] == metric, "phase"].unique()
+        if len(phases):
+            return metric, ("eval" if "eval" in phases else phases[0])
+    return "loss_exact", "eval"
+
+
+def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
+    """Every report figure that the results support, by file stem. Each configuration keeps
+    one style (colour: family; line style and marker: variant) across all figures."""
+    styles = config_styles(zip(results["estimator_label"], results["estimator"]))
+    out: dict[str, Figure] = {}
     var = panels.variance_curve(results)
     if not var.empty:
         out["gradient_variance"] = figures.plot_curves(
-            var, ylabel="gradient variance tr Cov", log_y=True,
-            title="Gradient variance along training (mean over seeds, 95% bootstrap band)")
+            var, ylabel="gradient variance tr Cov", log_y=True, styles=styles,
+            title="Gradient variance at each checkpoint (mean over seeds, 95% bootstrap interval)")
     bv = panels.bias_variance_table(results)
     if not bv.empty:
         out["bias_variance"] = figures.plot_bias_variance(
-            bv, title="Bias against variance at the first checkpoint (95% intervals)")
+            bv, styles=styles, title="Bias against variance at every checkpoint (95% intervals)")
+    cost = panels.equal_cost_table(results)
+    if not cost.empty:
+        out["variance_at_equal_cost"] = figures.plot_equal_cost(
+            cost, styles=styles,
+            title="Variance at equal cost at the first checkpoint (mean over seeds, 95% interval)")
     temp = panels.temperature_table(results)
     if not temp.empty:
         out["temperature"] = figures.plot_against_temperature(
-            temp, title="Relaxed estimators: bias and variance against temperature")
+            temp, title="Bias and variance against temperature, at the first checkpoint")
     for metric in _curve_metrics(results):
-        ylabel = CURVE_LABELS.get(metric, metric)
         curve = panels.training_curve(results, metric)
         if curve.empty:
             continue
-        stem = metric.replace("/", "_")
+        ylabel, stem = CURVE_LABELS.get(metric, metric), metric.replace("/", "_")
         out[f"training_{stem}_steps"] = figures.plot_curves(
-            curve, x="step", ylabel=ylabel, title=f"{metric} against steps (95% band over seeds)")
+            curve, x="step", ylabel=ylabel, styles=styles,
+            title=f"{metric} against steps (mean over seeds, 95% band)")
         if curve["wall_time_s"].notna().any():
             out[f"training_{stem}_wallclock"] = figures.plot_curves(
                 curve.dropna(subset=["wall_time_s"]), x="wall_time_s", ylabel=ylabel,
-                title=f"{metric} against training wall-clock (95% band over seeds)")
+                styles=styles, title=f"{metric} against training wall-clock (95% band)")
+    metric, phase = _headline_metric(results)
+    profile = panels.performance_profile(results, metric, phase=phase)
+    if not profile.empty:
+        out["performance_profile"] = figures.plot_performance_profile(
+            profile, metric=f"final {metric}", styles=styles,
+            title=f"Performance profile of the final {metric} (95% stratified bootstrap band)")
     thr = panels.throughput_table(results)
     if not thr.empty:
         out["throughput"] = figures.plot_throughput(
-            thr, title="Time per estimate (median; bars: interquartile range)")
+            thr, styles=styles, title="Time per estimate (median; bars: interquartile range)")
     return out
 
 
-def _png_bytes(fig: plt.Figure) -> bytes:
+def _save(fig: Figure, directory: Path, stem: str) -> bytes:
+    """Write the figure in every format; returns the PNG bytes for embedding. The layout and
+    the tight bounding box are computed once and then frozen, so each format is drawn once."""
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    bbox = fig.get_tightbbox().padded(0.1)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches=bbox)
+    png = buffer.getvalue()
+    (directory / f"{stem}.png").write_bytes(png)
+    for fmt in FIGURE_FORMATS[1:]:
+        fig.savefig(directory / f"{stem}.{fmt}", bbox_inches=bbox)
+    return png
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -125,104 +158,244 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def _side_by_side(runs: list[Run]) -> pd.DataFrame:
-    """Formatted summaries of each run joined on (task, estimator) with run-suffixed columns."""
+def _summary(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
+    """The formatted summary per (task, configuration); with several runs, one column per run
+    and metric (``<metric> [<run>]``)."""
+    if len(runs) == 1:
+        return format_summary(summary_table(results))
     tables = []
-    for run in runs:
-        table = format_summary(summary_table(add_labels(run.results)))
-        table = table.set_index(KEYS).add_suffix(f" [{run.name}]")
+    for label, rows in results.groupby("run_label", sort=False):
+        table = format_summary(summary_table(rows)).set_index(KEYS).add_suffix(f" [{label}]")
         tables.append(table)
     return pd.concat(tables, axis=1, join="outer").fillna("–").reset_index()
 
 
+def _fmt(value: float) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.3g}"
+
+
+def _deltas(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
+    """Per task and configuration, each later run's difference from the first run, per metric:
+    ``Δ [lo, hi]`` (paired by seed; mean over common seeds)."""
+    table = panels.run_deltas(results, runs[0].label, SUMMARY_METRICS)
+    if table.empty:
+        return table
+    table = table.assign(text=[
+        f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]" + ("" if n > 1 else " (1 seed)")
+        for d, lo, hi, n in zip(table["delta"], table["ci_low"], table["ci_high"],
+                                table["seeds"])])
+    order = [t for t, *_ in SUMMARY_METRICS if t in set(table["metric"])]
+    wide = table.pivot_table(index=["run_label", *KEYS], columns="metric", values="text",
+                             aggfunc="first")
+    return wide[order].reset_index().rename_axis(columns=None)
+
+
+def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.DataFrame]]:
+    """What :func:`analysis.stats.rank_estimators` returns on the headline metric, as a list of
+    frames. With several runs a configuration is ``run: estimator`` so no run hides another."""
+    metric, phase = _headline_metric(results)
+    if results[results["metric"] == metric].empty:
+        return metric, []
+    view = results
+    if multi_run:
+        view = results.assign(estimator_label=results["run_label"].astype(str) + ": "
+                              + results["estimator_label"].astype(str))
+    ranked = rank_estimators(view, metric, phase=phase, step="last")
+    frames = list(ranked) if isinstance(ranked, tuple) else [ranked]
+    return metric, [f for f in frames if isinstance(f, pd.DataFrame)]
+
+
+def _render(frame: pd.DataFrame) -> str:
+    """Any DataFrame as an HTML table (floats to 4 significant digits)."""
+    table = frame.to_html(index=False, border=0, escape=True, na_rep="–",
+                          float_format="{:.4g}".format)
+    return f"<div class='scroll'>{table}</div>"
+
+
+def _render_per_task(frame: pd.DataFrame) -> str:
+    """A frame with a ``task_label`` column as one table per task, side by side."""
+    if "task_label" not in frame or frame["task_label"].nunique() < 2:
+        return _render(frame)
+    tables = [f"<div><h3>{html.escape(str(task))}</h3>{_render(rows.drop(columns='task_label'))}"
+              f"</div>" for task, rows in frame.groupby("task_label", sort=True)]
+    return f"<div class='row'>{''.join(tables)}</div>"
+
+
 def _cell_problems(runs: list[Run]) -> pd.DataFrame:
+    """Failed and skipped cells of every run, with the first line of the error or the reason."""
     rows = []
     for run in runs:
         for cell_id, info in run.manifest.get("cells", {}).items():
-            if info.get("status") in ("failed", "skipped"):
-                error = run.path / "errors" / f"{cell_id}.txt"
-                first = error.read_text().splitlines()[1] if error.is_file() else ""
-                rows.append({"run": run.name, "cell": cell_id, "status": info["status"],
-                             "error": first, "traceback": str(error) if error.is_file() else ""})
-    return pd.DataFrame(rows, columns=["run", "cell", "status", "error", "traceback"])
+            status = info.get("status")
+            if status not in ("failed", "skipped"):
+                continue
+            error = run.path / "errors" / f"{cell_id}.txt"
+            lines = error.read_text().splitlines() if error.is_file() else []
+            reason = info.get("reason") or (lines[1] if len(lines) > 1 else "")
+            if status == "skipped" and not reason:
+                reason = "(no reason recorded in this run's manifest)"
+            rows.append({"run": run.label, "cell": cell_id, "status": status, "reason": reason,
+                         "traceback": str(error) if error.is_file() else ""})
+    return pd.DataFrame(rows, columns=["run", "cell", "status", "reason", "traceback"])
+
+
+def _spec_text(run: Run) -> tuple[str, str]:
+    """The resolved spec the results came from (the manifest's record), else ``spec.toml``."""
+    if "spec" in run.manifest:
+        return "resolved spec, from manifest.json", _compact_spec(run.manifest["spec"])
+    spec = run.path / "spec.toml"
+    text = spec.read_text() if spec.is_file() else "(no spec recorded)"
+    return "spec.toml (this run's manifest records no resolved spec)", text
+
+
+def _compact_spec(spec: dict) -> str:
+    """One line per key; lists of ``[name, params]`` pairs (tasks, estimators) one per line."""
+    lines = []
+    for key in sorted(spec):
+        value = spec[key]
+        pairs = isinstance(value, list) and value and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) for v in value)
+        if pairs:
+            lines.append(f"{key}:")
+            lines += [f"  {name} {json.dumps(params, sort_keys=True)}" for name, params in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value, sort_keys=True)}")
+    return "\n".join(lines)
 
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
 max-width:1400px;color:#222;padding:0 1rem}
 h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1rem}
-th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
+table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0 1rem}
+th,td{border:1px solid #ddd;padding:.2rem .45rem;text-align:right}
+.scroll{overflow-x:auto} .row{display:flex;flex-wrap:wrap;gap:1.5rem;align-items:flex-start}
 th{background:#f4f4f4} td:first-child,td:nth-child(2){text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5rem 0}
 pre{background:#f7f7f7;padding:.75rem;overflow-x:auto;font-size:.8rem}
-.muted{color:#666;font-size:.9rem}
+.muted{color:#666;font-size:.9rem} summary{cursor:pointer;color:#245}
 """
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> Path:
-    """Write figures, ``report.html`` and ``summary.md``; returns the path of the HTML report."""
-    if not run_dirs or len(run_dirs) > 2:
-        raise EstbenchError("report takes one run directory, or two to compare")
-    runs = load_runs(run_dirs)
-    out = Path(out_dir) if out_dir else runs[0].path / "report"
-    if len(runs) == 2 and out_dir is None:
-        out = runs[0].path / f"report-vs-{runs[1].name}"
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    results = _combined(runs)
-    title = " vs ".join(r.name for r in runs)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    figs = build_figures(results)
-    embedded = {}
-    for stem, fig in figs.items():
-        png = _png_bytes(fig)  # rendered once: written to disk and embedded in the page
-        (out / "figures" / f"{stem}.png").write_bytes(png)
-        fig.savefig(out / "figures" / f"{stem}.svg", bbox_inches="tight")
-        embedded[stem] = base64.b64encode(png).decode()
-        plt.close(fig)
 
-    summary = (format_summary(summary_table(results)) if len(runs) == 1 else _side_by_side(runs))
-    ranking, _ = rank_estimators(results, "loss_exact", phase="eval", step="last")
-    problems = _cell_problems(runs)
+def _publish(paths: Sequence[Path]) -> None:
+    """Give files written through a private temporary file the permissions the user's umask
+    gives new files (readable by collaborators unless the umask says otherwise)."""
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
+
+def _output_dir(runs: list[Run], out_dir: str | Path | None) -> Path:
+    if out_dir is not None:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise EstbenchError(f"--out '{out}' is a file, not a directory; pass a directory "
+                                f"for the report (it is created if missing)")
+        return out
+    if len(runs) == 1:
+        return runs[0].path / "report"
+    others = "+".join(r.label.replace("/", "_") for r in runs[1:])
+    return runs[0].path / f"report-vs-{others}"
+
+
+def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFrame,
+          deltas: pd.DataFrame, ranking: tuple[str, list[pd.DataFrame]],
+          problems: pd.DataFrame, embedded: dict[str, str], filters: str) -> str:
+    seeds = results.groupby(["run_label", *KEYS])["seed"].nunique() if len(results) else []
     parts = [f"<h1>estbench report: {html.escape(title)}</h1>",
-             f"<p class='muted'>{len(results['cell'].unique()) if len(results) else 0} finished "
-             f"cells; intervals are 95% percentile-bootstrap intervals over seeds.</p>"]
+             f"<p class='muted'>{results.groupby(['run_label', 'cell']).ngroups} finished cells"
+             f"{html.escape(filters)}; values are the mean over seeds "
+             f"({min(seeds, default=0)}–{max(seeds, default=0)} seeds per configuration) "
+             f"with 95% bootstrap intervals over seeds; with fewer than 5 seeds an interval "
+             f"is a rough guide only.</p>"]
     parts.append("<h2>Summary per task</h2>")
     for task, rows in summary.groupby("task_label", sort=True):
         parts.append(f"<h3>{html.escape(str(task))}</h3>")
-        parts.append(rows.drop(columns=["task_label"]).to_html(index=False, border=0, escape=True))
-    if not ranking.empty:
-        parts.append("<h2>Ranking by final exact loss</h2>")
-        parts.append(ranking.to_html(index=False, border=0, float_format="{:.4g}".format))
+        parts.append(_render(rows.drop(columns=["task_label"])))
+    if not deltas.empty:
+        parts.append(f"<h2>Differences from run {html.escape(runs[0].label)}</h2>"
+                     "<p class='muted'>other run minus the first, per metric: mean over the "
+                     "seeds both runs have (paired by seed) [95% bootstrap interval].</p>")
+        for task, rows in deltas.groupby("task_label", sort=True):
+            parts.append(f"<h3>{html.escape(str(task))}</h3>")
+            parts.append(_render(rows.drop(columns=["task_label"])))
+    metric, frames = ranking
+    if frames:
+        parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>")
+        parts.append(_render_per_task(frames[0]))
+        for frame in frames[1:]:
+            parts.append(f"<details><summary>{', '.join(map(html.escape, frame.columns))} "
+                         f"({len(frame)} rows)</summary>{_render(frame)}</details>")
     parts.append("<h2>Figures</h2>")
     for stem, data in embedded.items():
         parts.append(f"<h3>{stem.replace('_', ' ')}</h3>"
                      f"<img alt='{stem}' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Failed and skipped cells</h2>")
-    parts.append(problems.to_html(index=False, border=0) if not problems.empty
+    parts.append(_render(problems) if not problems.empty
                  else "<p>None: every cell finished.</p>")
     for run in runs:
-        parts.append(f"<h2>Run {html.escape(run.name)}</h2>")
+        parts.append(f"<h2>Run {html.escape(run.label)}</h2>")
         prov = run.manifest.get("provenance", {})
         meta = {"directory": str(run.path), "started": run.manifest.get("started"),
                 "finished": run.manifest.get("finished"), "status": run.manifest.get("status"),
                 "spec hash": run.manifest.get("spec_hash"), **prov}
-        parts.append(pd.DataFrame({"field": list(meta), "value": [str(v) for v in meta.values()]})
-                     .to_html(index=False, border=0))
-        parts.append(f"<h3>Spec</h3><pre>{html.escape(run.spec_text)}</pre>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>estbench: "
+        parts.append(_render(pd.DataFrame({"field": list(meta),
+                                           "value": [str(v) for v in meta.values()]})))
+        source, text = _spec_text(run)
+        parts.append(f"<h3>Spec ({html.escape(source)})</h3><pre>{html.escape(text)}</pre>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>estbench: "
             f"{html.escape(title)}</title><style>{STYLE}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
-    atomic_write_text(out / "report.html", page)
 
+
+def _markdown(title: str, summary: pd.DataFrame, deltas: pd.DataFrame,
+              problems: pd.DataFrame) -> str:
     md = [f"# estbench report: {title}", "",
           "Mean over seeds with 95% bootstrap intervals over seeds.", ""]
     for task, rows in summary.groupby("task_label", sort=True):
         md += [f"## {task}", "", _markdown_table(rows.drop(columns=["task_label"])), ""]
+    if not deltas.empty:
+        md += ["## Differences from the first run (paired by seed, 95% interval)", "",
+               _markdown_table(deltas), ""]
     if not problems.empty:
         md += ["## Failed and skipped cells", "",
                _markdown_table(problems.drop(columns=["traceback"])), ""]
-    atomic_write_text(out / "summary.md", "\n".join(md))
-    atomic_write_text(out / "figures" / "index.json", json.dumps(sorted(embedded)) + "\n")
-    return out / "report.html"
+    return "\n".join(md)
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, *,
+                 estimators: Sequence[str] = (), tasks: Sequence[str] = ()) -> Path:
+    """Write figures, ``report.html`` and ``summary.md`` for one or more runs; returns the path
+    of the HTML report. ``estimators`` / ``tasks`` keep the names or globs given (matched
+    against the registered name or the configuration label)."""
+    if not run_dirs:
+        raise EstbenchError("report takes at least one run directory")
+    runs = load_runs(run_dirs)
+    out = _output_dir(runs, out_dir)
+    results = filter_results(combined_results(runs), estimators, tasks)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    title = " vs ".join(r.label for r in runs)
+
+    embedded = {}
+    for stem, fig in build_figures(results).items():
+        embedded[stem] = base64.b64encode(_save(fig, out / "figures", stem)).decode()
+
+    summary = _summary(runs, results)
+    deltas = _deltas(runs, results) if len(runs) > 1 else pd.DataFrame()
+    ranking = _rankings(results, len(runs) > 1)
+    problems = _cell_problems(runs)
+    filters = "".join(f"; {flag} {', '.join(values)}" for flag, values in
+                      (("--estimators", estimators), ("--tasks", tasks)) if values)
+    written = [out / "report.html", out / "summary.md", out / "figures" / "index.json"]
+    atomic_write_text(written[0], _page(title, runs, results, summary, deltas, ranking,
+                                        problems, embedded, filters))
+    atomic_write_text(written[1], _markdown(title, summary, deltas, problems))
+    atomic_write_text(written[2], json.dumps(sorted(embedded)) + "\n")
+    _publish(written)
+    return written[0]

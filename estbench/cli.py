@@ -56,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p_report = sub.add_parser("report", help="write figures, report.html and summary.md")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                          help="a run directory, or two to compare side by side")
+                          help="a run directory, or several to compare")
     p_report.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+    p_report.add_argument("--estimators", nargs="+", action="extend", default=[],
+                          metavar="NAME", help="only these estimators: names, configuration "
+                          "labels or globs such as 'gumbel*' (comma-separated or repeated)")
+    p_report.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="NAME",
+                          help="only these tasks: names, labels or globs")
     return parser
 
 
@@ -254,7 +259,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
-    path = write_report(args.run_dirs, args.out)
+    def names(values: list[str]) -> list[str]:
+        import re
+
+        # commas inside a configuration label's parentheses are part of the label
+        return [name.strip() for value in values for name in re.split(r",(?![^()]*\))", value)
+                if name.strip()]
+
+    path = write_report(args.run_dirs, args.out, estimators=names(args.estimators),
+                        tasks=names(args.tasks))
     print(f"report written: {path}")
     return 0
 
