@@ -109,7 +109,7 @@ def execute_cell(job: Job, on_step: Callable[[int, int], None] | None = None) ->
         return CellOutcome(cell.id, "skipped", message=str(skip))
     except KeyboardInterrupt:  # SIGINT or SIGTERM: stopped on request, stays pending
         return CellOutcome(cell.id, "interrupted", message="stopped on request")
-    except Exception as err:  # a failed cell never stops the matrix
+    except (Exception, SystemExit) as err:  # a failed cell never stops the matrix
         text = f"cell {cell.id}\n{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
         return CellOutcome(cell.id, "failed", message=text)
 

@@ -23,6 +23,7 @@ from estbench.store import ResultsWarning, cell_path
 PLUGIN = '''
 import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -35,11 +36,13 @@ class BadLuck(Estimator):
     """Kills or stalls the process that runs it, at its first estimate."""
 
     unbiased = True
-    fault: str = hyper("exit", choices=("exit", "segfault", "hang"))
+    fault: str = hyper("exit", choices=("exit", "sys.exit", "segfault", "hang"))
 
     def _estimate(self, logits, f, latent):
         if self.fault == "exit":
             os._exit(3)
+        if self.fault == "sys.exit":
+            sys.exit(3)
         if self.fault == "segfault":
             ctypes.string_at(0)
         time.sleep(3600)
@@ -91,7 +94,7 @@ def _statuses(out: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path, workers):
-    spec, plugin = _files(tmp_path, faults='["exit", "segfault", "hang"]',
+    spec, plugin = _files(tmp_path, faults='["exit", "sys.exit", "segfault", "hang"]',
                           measure="time_limit_s = 3")
     out = tmp_path / "run"
     for attempt in range(2 if workers == "2" else 1):
@@ -99,10 +102,10 @@ def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path,
         assert done.returncode == 1, done.stderr[-2000:]
         statuses = _statuses(out)
         failed = sorted(c for c, s in statuses.items() if s == "failed")
-        assert failed == sorted(c for c in statuses if "__bad-luck__" in c) and len(failed) == 6
+        assert failed == sorted(c for c in statuses if "__bad-luck__" in c) and len(failed) == 8
         assert all(s == "done" for c, s in statuses.items() if c not in failed)
         reused = "0 reused" if attempt == 0 else "4 reused"
-        assert "6 failed" in done.stdout and reused in done.stdout
+        assert "8 failed" in done.stdout and reused in done.stdout
         for cell_id in failed:
             assert f"FAILED {cell_id}" in done.stderr
     reasons = {json.loads((out / "manifest.json").read_text())["cells"][c]["reason"]
@@ -111,7 +114,8 @@ def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path,
                        "this cell",
                        "WorkerDied: its worker process was killed by SIGSEGV (exit code -11) "
                        "while running this cell",
-                       "TimeLimit: ran past [measure] time_limit_s = 3 s and was killed"}
+                       "TimeLimit: ran past [measure] time_limit_s = 3 s and was killed",
+                       "SystemExit: 3"}
     assert load_results(out)["cell"].nunique() == 4
 
 
