@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -200,8 +201,10 @@ def race_lock_takers(root: Path, trials: int, takers: int) -> list[int]:
     wins = context.Array("b", trials * 8)
     racers = [context.Process(target=_race, args=(str(root), barrier, wins, i, trials))
               for i in range(takers)]
-    for racer in racers:
-        racer.start()
+    with warnings.catch_warnings():  # Python >= 3.12 warns about fork in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for racer in racers:
+            racer.start()
     for racer in racers:
         racer.join(300)
     assert all(r.exitcode == 0 for r in racers)
@@ -320,15 +323,8 @@ def test_refusals_leave_an_existing_run_as_it_was(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and len(err) < 300
         assert _tree(out) == before
-    for args in (["--workers", "0"], ["--device", "cuda"] if not _cuda() else ["--workers", "0"]):
-        assert main(["run", str(spec), "--out", str(out), "--no-progress", *args]) == 2
-        assert _tree(out) == before
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    assert main(["run", str(spec), "--out", str(out), "--no-progress", "--workers", "0"]) == 2
+    assert _tree(out) == before
 
 
 def test_cell_files_reject_a_copy_from_another_run(tmp_path):
