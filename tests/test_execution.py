@@ -110,14 +110,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "locked"
     run.mkdir()
-    live = {"pid": os.getppid(), "host": socket.gethostname(), "since": "earlier"}
-    (run / ".lock").write_text(json.dumps(live))
-    with pytest.raises(EstbenchError, match=f"in use by pid {os.getppid()} on host"):
+    with RunLock(run):
+        with pytest.raises(EstbenchError, match=f"in use by pid {os.getpid()} on host"):
+            with RunLock(run):
+                pass
+    assert not (run / ".lock").exists()
+    elsewhere = {"pid": 1, "host": "another-host", "since": "earlier"}
+    (run / ".lock").write_text(json.dumps(elsewhere))
+    with pytest.raises(EstbenchError, match="in use by pid 1 on host another-host"):
         with RunLock(run):
             pass
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run / ".lock").write_text(json.dumps({**live, "pid": dead.pid}))
+    here = {**elsewhere, "host": socket.gethostname(), "pid": os.getppid()}
+    (run / ".lock").write_text(json.dumps(here))  # a live pid, but nobody holds the flock
     with RunLock(run):
         assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     assert not (run / ".lock").exists()
