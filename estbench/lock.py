@@ -82,6 +82,21 @@ class RunLock:
         self.fd = fd
         return self
 
+    @staticmethod
+    def held(run_dir: Path) -> bool:
+        """Whether a live process on this host holds ``run_dir``'s lock (read-only check)."""
+        try:
+            fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def __exit__(self, *exc) -> None:
         if self.fd is None:
             return

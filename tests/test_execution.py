@@ -80,7 +80,7 @@ def test_worker_processes_give_the_same_table(reference_run, tmp_path):
     pd.testing.assert_frame_equal(_values(reference_run), _values(out), rtol=1e-6)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path, capsys):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "estbench.cli", "run", str(_spec(tmp_path)), "--out", str(out),
            "--workers", "1", "--no-progress"]
@@ -93,6 +93,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path
     finished = len(list((out / "cells").glob("*.parquet")))
     assert 3 <= finished < 24, "the run must be killed mid-way"
     assert (out / ".lock").is_file()  # left behind by the killed run: stale
+    assert main(["show", str(out)]) == 0
+    assert "stopped mid-run" in capsys.readouterr().out
     assert main(["run", str(_spec(tmp_path)), "--out", str(out), "--workers", "1",
                  "--no-progress"]) == 0
     resumed = _values(out)
