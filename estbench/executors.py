@@ -140,6 +140,7 @@ def _worker_main(conn: Connection, alive: Connection, plugins: tuple[str, ...],
                  environ: dict[str, str]) -> None:
     """A worker process: run the jobs the driver sends, one at a time, until it closes the pipe
     or the process is asked to stop."""
+    os.setpgrp()  # out of the terminal's group: a Ctrl-C reaches the driver, which stops us once
     os.environ.clear()
     os.environ.update(environ)  # the driver's environment now, not the fork server's at its start
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
