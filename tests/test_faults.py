@@ -96,7 +96,7 @@ def _statuses(out: Path) -> dict[str, str]:
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path, workers):
     spec, plugin = _files(tmp_path, faults='["exit", "sys.exit", "segfault", "hang"]',
-                          measure="time_limit_s = 3")
+                          measure="time_limit_s = 5")
     out = tmp_path / "run"
     for attempt in range(2 if workers == "2" else 1):
         done = _cli(str(spec), "--out", str(out), "--plugin", str(plugin), "--workers", workers)
@@ -115,7 +115,7 @@ def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path,
                        "this cell",
                        "WorkerDied: its worker process was killed by SIGSEGV (exit code -11) "
                        "while running this cell",
-                       "TimeLimit: ran past [measure] time_limit_s = 3 s and was killed",
+                       "TimeLimit: ran past [measure] time_limit_s = 5 s and was killed",
                        "SystemExit: 3"}
     assert load_results(out)["cell"].nunique() == 4
 
