@@ -233,7 +233,7 @@ class LocalProcesses:
                 self.workers.append(self._worker())
             for index, worker in enumerate(self.workers):
                 if worker.job is None and queue:
-                    if not worker.process.is_alive():  # died while idle: replace it first
+                    if not worker.process.is_alive():  # died with its last cell, or while idle
                         worker.close()
                         worker = self.workers[index] = self._worker()
                     worker.submit(queue.popleft())
@@ -243,13 +243,10 @@ class LocalProcesses:
             if hooks.stop_requested():  # before reading outcomes: a cell cut by the stop is pending
                 yield from self._stop(hooks)
                 return
-            for index, worker in enumerate(self.workers):
+            for worker in self.workers:  # a dead worker is replaced when there is work for it
                 outcome = self._poll(worker, hooks)
                 if outcome is not None:
                     yield outcome
-                    if not worker.process.is_alive():
-                        worker.close()
-                        self.workers[index] = self._worker()
 
     def _poll(self, worker: _Worker, hooks: Hooks) -> CellOutcome | None:
         """The outcome of ``worker``'s cell if it has one now (finished, died, out of time)."""
