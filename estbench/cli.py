@@ -205,13 +205,17 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from estbench.lock import RunLock
     from estbench.store import read_manifest
 
     run_dir = Path(args.run_dir)
     manifest = read_manifest(run_dir)
     cells = manifest["cells"]
     statuses = pd.Series([c.get("status", "?") for c in cells.values()]).value_counts().to_dict()
-    print(f"run {manifest.get('run', run_dir.name)}: {manifest.get('status', '?')}, cells {statuses}")
+    status = manifest.get("status", "?")
+    if status == "running" and not RunLock.held(run_dir):
+        status = "stopped mid-run (its process is gone; rerun the spec into it to resume)"
+    print(f"run {manifest.get('run', run_dir.name)}: {status}, cells {statuses}")
     _print_summary(run_dir)
     for cell_id, info in cells.items():
         if info.get("status") == "skipped":

@@ -109,7 +109,7 @@ def execute_cell(job: Job, on_step: Callable[[int, int], None] | None = None) ->
         return CellOutcome(cell.id, "skipped", message=str(skip))
     except KeyboardInterrupt:  # SIGINT or SIGTERM: stopped on request, stays pending
         return CellOutcome(cell.id, "interrupted", message="stopped on request")
-    except Exception as err:  # a failed cell never stops the matrix
+    except (Exception, SystemExit) as err:  # a failed cell never stops the matrix
         text = f"cell {cell.id}\n{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
         return CellOutcome(cell.id, "failed", message=text)
 
@@ -140,6 +140,7 @@ def _worker_main(conn: Connection, alive: Connection, plugins: tuple[str, ...],
                  environ: dict[str, str]) -> None:
     """A worker process: run the jobs the driver sends, one at a time, until it closes the pipe
     or the process is asked to stop."""
+    os.setpgrp()  # out of the terminal's group: a Ctrl-C reaches the driver, which stops us once
     os.environ.clear()
     os.environ.update(environ)  # the driver's environment now, not the fork server's at its start
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
@@ -232,7 +233,7 @@ class LocalProcesses:
                 self.workers.append(self._worker())
             for index, worker in enumerate(self.workers):
                 if worker.job is None and queue:
-                    if not worker.process.is_alive():  # died while idle: replace it first
+                    if not worker.process.is_alive():  # died with its last cell, or while idle
                         worker.close()
                         worker = self.workers[index] = self._worker()
                     worker.submit(queue.popleft())
@@ -242,13 +243,10 @@ class LocalProcesses:
             if hooks.stop_requested():  # before reading outcomes: a cell cut by the stop is pending
                 yield from self._stop(hooks)
                 return
-            for index, worker in enumerate(self.workers):
+            for worker in self.workers:  # a dead worker is replaced when there is work for it
                 outcome = self._poll(worker, hooks)
                 if outcome is not None:
                     yield outcome
-                    if not worker.process.is_alive():
-                        worker.close()
-                        self.workers[index] = self._worker()
 
     def _poll(self, worker: _Worker, hooks: Hooks) -> CellOutcome | None:
         """The outcome of ``worker``'s cell if it has one now (finished, died, out of time)."""

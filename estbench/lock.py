@@ -20,19 +20,10 @@ from estbench.errors import EstbenchError
 __all__ = ["RunLock"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """``with RunLock(run_dir):`` holds ``run_dir/.lock``; a second holder is refused with a
-    message naming the owner. The file is removed on release."""
+    message naming the owner, as is a lock file written on another host. The file is removed on
+    release."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -52,19 +43,15 @@ class RunLock:
         )
 
     def _held_elsewhere(self, fd: int) -> bool:
-        """A lock file written by a live process on this host, or by a process on another host
-        (whose liveness cannot be checked), belongs to that process even if our flock succeeded
-        (e.g. on a file system without flock)."""
+        """Whether the lock file names an owner on another host: its flock may not reach this
+        kernel (a network file system), and its liveness cannot be checked from here. On this
+        host the flock alone decides: a lock we could take is stale, whatever pid it names."""
         try:
             holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
         except ValueError:
             return False
-        pid = holder.get("pid")
-        if not isinstance(pid, int) or pid == os.getpid():
-            return False
-        if holder.get("host") != self.owner["host"]:
-            return True
-        return _alive(pid)
+        return isinstance(holder, dict) and holder.get("host", self.owner["host"]) != \
+            self.owner["host"]
 
     def _acquire(self) -> int | None:
         """The fd holding the flock on the current ``.lock`` file, or None if another holds it."""
@@ -94,6 +81,21 @@ class RunLock:
         os.pwrite(fd, json.dumps(self.owner).encode(), 0)
         self.fd = fd
         return self
+
+    @staticmethod
+    def held(run_dir: Path) -> bool:
+        """Whether a live process on this host holds ``run_dir``'s lock (read-only check)."""
+        try:
+            fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def __exit__(self, *exc) -> None:
         if self.fd is None:

@@ -80,7 +80,7 @@ def test_worker_processes_give_the_same_table(reference_run, tmp_path):
     pd.testing.assert_frame_equal(_values(reference_run), _values(out), rtol=1e-6)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path, capsys):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "estbench.cli", "run", str(_spec(tmp_path)), "--out", str(out),
            "--workers", "1", "--no-progress"]
@@ -93,6 +93,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path
     finished = len(list((out / "cells").glob("*.parquet")))
     assert 3 <= finished < 24, "the run must be killed mid-way"
     assert (out / ".lock").is_file()  # left behind by the killed run: stale
+    assert main(["show", str(out)]) == 0
+    assert "stopped mid-run" in capsys.readouterr().out
     assert main(["run", str(_spec(tmp_path)), "--out", str(out), "--workers", "1",
                  "--no-progress"]) == 0
     resumed = _values(out)
@@ -110,14 +112,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference_run, tmp_path
 def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "locked"
     run.mkdir()
-    live = {"pid": os.getppid(), "host": socket.gethostname(), "since": "earlier"}
-    (run / ".lock").write_text(json.dumps(live))
-    with pytest.raises(EstbenchError, match=f"in use by pid {os.getppid()} on host"):
+    with RunLock(run):
+        with pytest.raises(EstbenchError, match=f"in use by pid {os.getpid()} on host"):
+            with RunLock(run):
+                pass
+    assert not (run / ".lock").exists()
+    elsewhere = {"pid": 1, "host": "another-host", "since": "earlier"}
+    (run / ".lock").write_text(json.dumps(elsewhere))
+    with pytest.raises(EstbenchError, match="in use by pid 1 on host another-host"):
         with RunLock(run):
             pass
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run / ".lock").write_text(json.dumps({**live, "pid": dead.pid}))
+    here = {**elsewhere, "host": socket.gethostname(), "pid": os.getppid()}
+    (run / ".lock").write_text(json.dumps(here))  # a live pid, but nobody holds the flock
     with RunLock(run):
         assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     assert not (run / ".lock").exists()
@@ -295,7 +301,8 @@ def test_skip_reasons_are_recorded_and_shown(tmp_path, capsys):
     spec.write_text(spec.read_text().replace('name = "rloo"', 'name = "arm"')
                     .replace("samples = [2, 3]", "").replace("seeds = [0, 1, 2]", "seeds = [0]"))
     out = tmp_path / "run"
-    assert main(["run", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    assert "cell/s" not in capsys.readouterr().err  # no progress bar: stderr is not a terminal
     cells = json.loads((out / "manifest.json").read_text())["cells"]
     skipped = {c: i["reason"] for c, i in cells.items() if i["status"] == "skipped"}
     assert list(skipped) == [c for c in cells if c.startswith("categorical-toy__arm")]

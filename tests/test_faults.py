@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from estbench.store import ResultsWarning, cell_path
 PLUGIN = '''
 import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -35,11 +37,13 @@ class BadLuck(Estimator):
     """Kills or stalls the process that runs it, at its first estimate."""
 
     unbiased = True
-    fault: str = hyper("exit", choices=("exit", "segfault", "hang"))
+    fault: str = hyper("exit", choices=("exit", "sys.exit", "segfault", "hang"))
 
     def _estimate(self, logits, f, latent):
         if self.fault == "exit":
             os._exit(3)
+        if self.fault == "sys.exit":
+            sys.exit(3)
         if self.fault == "segfault":
             ctypes.string_at(0)
         time.sleep(3600)
@@ -91,18 +95,18 @@ def _statuses(out: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path, workers):
-    spec, plugin = _files(tmp_path, faults='["exit", "segfault", "hang"]',
-                          measure="time_limit_s = 3")
+    spec, plugin = _files(tmp_path, faults='["exit", "sys.exit", "segfault", "hang"]',
+                          measure="time_limit_s = 5")
     out = tmp_path / "run"
     for attempt in range(2 if workers == "2" else 1):
         done = _cli(str(spec), "--out", str(out), "--plugin", str(plugin), "--workers", workers)
         assert done.returncode == 1, done.stderr[-2000:]
         statuses = _statuses(out)
         failed = sorted(c for c, s in statuses.items() if s == "failed")
-        assert failed == sorted(c for c in statuses if "__bad-luck__" in c) and len(failed) == 6
+        assert failed == sorted(c for c in statuses if "__bad-luck__" in c) and len(failed) == 8
         assert all(s == "done" for c, s in statuses.items() if c not in failed)
         reused = "0 reused" if attempt == 0 else "4 reused"
-        assert "6 failed" in done.stdout and reused in done.stdout
+        assert "8 failed" in done.stdout and reused in done.stdout
         for cell_id in failed:
             assert f"FAILED {cell_id}" in done.stderr
     reasons = {json.loads((out / "manifest.json").read_text())["cells"][c]["reason"]
@@ -111,7 +115,8 @@ def test_cells_that_kill_or_stall_their_worker_fail_alone_on_every_try(tmp_path,
                        "this cell",
                        "WorkerDied: its worker process was killed by SIGSEGV (exit code -11) "
                        "while running this cell",
-                       "TimeLimit: ran past [measure] time_limit_s = 3 s and was killed"}
+                       "TimeLimit: ran past [measure] time_limit_s = 5 s and was killed",
+                       "SystemExit: 3"}
     assert load_results(out)["cell"].nunique() == 4
 
 
@@ -196,8 +201,10 @@ def race_lock_takers(root: Path, trials: int, takers: int) -> list[int]:
     wins = context.Array("b", trials * 8)
     racers = [context.Process(target=_race, args=(str(root), barrier, wins, i, trials))
               for i in range(takers)]
-    for racer in racers:
-        racer.start()
+    with warnings.catch_warnings():  # Python >= 3.12 warns about fork in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for racer in racers:
+            racer.start()
     for racer in racers:
         racer.join(300)
     assert all(r.exitcode == 0 for r in racers)
@@ -316,15 +323,8 @@ def test_refusals_leave_an_existing_run_as_it_was(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and len(err) < 300
         assert _tree(out) == before
-    for args in (["--workers", "0"], ["--device", "cuda"] if not _cuda() else ["--workers", "0"]):
-        assert main(["run", str(spec), "--out", str(out), "--no-progress", *args]) == 2
-        assert _tree(out) == before
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    assert main(["run", str(spec), "--out", str(out), "--no-progress", "--workers", "0"]) == 2
+    assert _tree(out) == before
 
 
 def test_cell_files_reject_a_copy_from_another_run(tmp_path):
