@@ -150,6 +150,41 @@ def test_a_signal_saves_the_checkpoint_and_raises_cell_interrupted(signum, tmp_p
     _assert_same_rows(full, resumed)
 
 
+def test_a_signal_during_a_gradient_phase_keeps_its_rows_and_never_repeats_it(tmp_path,
+                                                                             monkeypatch):
+    cell = _toy("relax", {})
+    full = run_cell(cell, MEASURE)
+    path = tmp_path / "cell.pt"
+    phase = estbench.cell._gradient_phase
+    calls: list[int] = []
+
+    def gradient_phase(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the phase at step 10
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the phase
+        return phase(*args, **kwargs)
+
+    monkeypatch.setattr(estbench.cell, "_gradient_phase", gradient_phase)
+    with pytest.raises(CellInterrupted, match="at step 10 of 24"):
+        run_cell(cell, replace(MEASURE, checkpoint_every=0), checkpoint=path)
+    assert torch.load(path, weights_only=True)["measured"]
+    resumed, first = _resume(cell, replace(MEASURE, checkpoint_every=0), path)
+    assert first == 10 and len(calls) == 3  # steps 0, 10 and 24, each once
+    _assert_same_rows(full, resumed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_cell_resumes_to_the_same_rows(tmp_path):
+    cell = _toy("relax", {})
+    full = pd.DataFrame(run_cell(cell, MEASURE, "cuda"))
+    path = tmp_path / "cell.pt"
+    with pytest.raises(_Crash):
+        run_cell(cell, MEASURE, "cuda", checkpoint=path, on_step=_crash_at(13))
+    resumed = pd.DataFrame(run_cell(cell, MEASURE, "cuda", checkpoint=path))
+    kept = ~full["metric"].isin(WALL_CLOCK)
+    pd.testing.assert_frame_equal(full[kept], resumed[kept], rtol=1e-5)
+
+
 SIGKILL_SCRIPT = """
 import sys, time
 import torch
