@@ -151,7 +151,8 @@ def _has_state(value: Any) -> bool:
 
 
 def _encode_state(owner: Estimator, name: str, value: Any) -> tuple[str, Any]:
-    """(kind, payload) for one attribute of an estimator's state; see :meth:`Estimator.state_dict`."""
+    """(kind, payload) for one attribute of an estimator's state (see
+    :meth:`Estimator.state_dict`)."""
     if isinstance(value, _PLAIN):
         return "plain", value
     if isinstance(value, Tensor):

@@ -25,7 +25,7 @@ from conftest import SMALL_VAE
 from torch import nn
 
 import estbench.cell
-from estbench import Estimate, Estimator, EstbenchError, SpecError
+from estbench import EstbenchError, Estimate, Estimator, SpecError
 from estbench.cell import CellInterrupted, run_cell
 from estbench.checkpoint import CheckpointWarning
 from estbench.registry import ESTIMATORS, TASKS
