@@ -103,7 +103,8 @@ def test_a_crashed_cell_resumes_to_the_rows_of_one_that_never_stopped(key, tmp_p
 def test_a_vae_cell_resumes_to_the_same_rows(name, tmp_path):
     estimator, params = ("relax", {}) if name == "bernoulli-vae" else ("gumbel-softmax", {})
     cell = Cell(name, SMALL_VAE[name], estimator, params, 1)
-    measure = replace(MEASURE, steps=8, checkpoints=(0, 6), log_every=2, checkpoint_every=3)
+    measure = replace(MEASURE, gradient_samples=4, steps=8, checkpoints=(0, 6), log_every=2,
+                      checkpoint_every=3)
     full = run_cell(cell, measure)
     path = tmp_path / "cell.pt"
     with pytest.raises(_Crash):
