@@ -27,7 +27,7 @@ from torch import nn
 import estbench.cell
 from estbench import EstbenchError, Estimate, Estimator, SpecError
 from estbench.cell import CellInterrupted, run_cell
-from estbench.checkpoint import CheckpointWarning
+from estbench.checkpoint import CheckpointWarning, save_checkpoint
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure, parse_spec
 
@@ -224,6 +224,16 @@ def test_sigkill_inside_a_long_cell_loses_at_most_one_interval(tmp_path):
     resumed, first = _resume(cell, measure, path)
     assert first == saved_step
     _assert_same_rows(run_cell(cell, measure), resumed)
+
+
+def test_a_save_is_atomic_and_clears_what_a_killed_save_left(tmp_path):
+    path = tmp_path / "checkpoints" / "cell.pt"
+    save_checkpoint(path, {"step": 1})
+    stale = path.parent / ".cell.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cell.pt"]
 
 
 def _interrupted_checkpoint(cell: Cell, measure: Measure, path: Path) -> None:
