@@ -130,7 +130,7 @@ def test_a_changed_checkpoint_every_still_resumes_and_a_resumed_cell_can_stop_ag
     _assert_same_rows(full, resumed)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_checkpoint_and_raises_cell_interrupted(signum, tmp_path):
     cell = _toy("nvil", {})
     measure = replace(MEASURE, checkpoint_every=0)  # saved only because of the signal
@@ -186,40 +186,50 @@ def test_a_cuda_cell_resumes_to_the_same_rows(tmp_path):
     pd.testing.assert_frame_equal(full[kept], resumed[kept], rtol=1e-5)
 
 
-SIGKILL_SCRIPT = """
+LONG_CELL_SCRIPT = """
 import sys, time
 import torch
-from estbench.cell import run_cell
+from estbench.cell import CellInterrupted, run_cell
 from estbench.spec import Cell, Measure
 
 torch.set_num_threads(1)
 cell = Cell("bernoulli-toy", {"dim": 3, "batch_size": 4, "init_logit": 0.5}, "relax", {}, 5)
 measure = Measure(gradient_samples=20, checkpoints=(0, 300), steps=600, log_every=10,
                   checkpoint_every=25, throughput=False)
-run_cell(cell, measure, checkpoint=sys.argv[1], on_step=lambda done, total: time.sleep(0.005))
+try:
+    run_cell(cell, measure, checkpoint=sys.argv[1],
+             on_step=lambda done, total: time.sleep(0.005))
+except CellInterrupted:
+    sys.exit(3)
 """
 
 
-def test_sigkill_inside_a_long_cell_loses_at_most_one_interval(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_long_cell_killed_from_outside_resumes_to_the_same_rows(signum, tmp_path):
+    """SIGKILL loses at most one checkpoint interval; SIGTERM saves where it stopped."""
     path = tmp_path / "cell.pt"
     script = tmp_path / "long_cell.py"
-    script.write_text(textwrap.dedent(SIGKILL_SCRIPT))
+    script.write_text(textwrap.dedent(LONG_CELL_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(script), str(path)], env=env)
     try:
         deadline = time.monotonic() + 120
         while not path.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
+        time.sleep(0.02)  # a step or two past the first checkpoint
+        process.send_signal(signum)
+        code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 3)  # stopped, not finished
     saved_step = torch.load(path, weights_only=True)["step"]
+    assert 25 <= saved_step < 600
+    if signum == signal.SIGKILL:
+        assert saved_step % 25 == 0  # the last periodic checkpoint
     measure = Measure(gradient_samples=20, checkpoints=(0, 300), steps=600, log_every=10,
                       checkpoint_every=25, throughput=False)
-    assert 25 <= saved_step < 600 and saved_step % 25 == 0
     cell = Cell("bernoulli-toy", {"dim": 3, "batch_size": 4, "init_logit": 0.5}, "relax", {}, 5)
     resumed, first = _resume(cell, measure, path)
     assert first == saved_step
