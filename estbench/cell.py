@@ -417,30 +417,26 @@ def run_cell(cell: Cell, measure: Measure, device: str = "cpu", *,
     step boundary, saves, and raises :class:`CellInterrupted`; a gradient phase under way
     finishes first. ``on_step(done, total)`` is called after every training step.
     """
-    training = _start(cell, measure, device, checkpoint)
     every = measure.checkpoint_every
-
-    def save() -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, training.state_dict())
-
     with StopOnSignals() as stop:
-        while True:
+        training = _start(cell, measure, device, checkpoint)
+
+        def save() -> None:
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, training.state_dict())
+
+        while not stop.requested:
             if not training.measured:
                 training.measure_step()
-                step = training.step
-                if every and step % every == 0 and 0 < step < measure.steps:
+                if every and training.step % every == 0 and 0 < training.step < measure.steps:
                     save()
-            if training.step == measure.steps:
-                break
-            if stop.requested:
+            if training.step == measure.steps or stop.requested:
                 break
             training.train_step()
             if on_step is not None:
                 on_step(training.step, measure.steps)
-            if stop.requested:
-                break
-        if stop.requested and training.step < measure.steps:
+        finished = training.step == measure.steps and training.measured
+        if stop.requested and not finished:
             save()
             where = f"saved to {checkpoint}" if checkpoint is not None else "no checkpoint path"
             raise CellInterrupted(f"{stop.signal_name} at step {training.step} of {measure.steps} "

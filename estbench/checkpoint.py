@@ -49,7 +49,8 @@ def identity(cell: Cell, measure: Measure, device: torch.device) -> dict[str, An
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename)."""
+    """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename), and
+    remove temporary files that a killed save of the same path left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,6 +69,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:

@@ -32,7 +32,8 @@ class Estimate:
     surrogate: ``[*batch]``; ``surrogate.mean().backward()`` deposits the gradient estimate of
         ``E[f(z)]`` (averaged over the batch) in every parameter upstream of the logits and in ``f``.
     value: ``[*batch]`` detached value of ``f`` at the points the estimator evaluated (averaged
-        over its samples), for reporting; not the quantity differentiated.
+        over its samples), for reporting (``loss_estimator`` along training); not the quantity
+        differentiated.
     f_evals: evaluations of ``f`` per batch element spent on this estimate.
     """
 
@@ -151,7 +152,8 @@ def _has_state(value: Any) -> bool:
 
 
 def _encode_state(owner: Estimator, name: str, value: Any) -> tuple[str, Any]:
-    """(kind, payload) for one attribute of an estimator's state; see :meth:`Estimator.state_dict`."""
+    """(kind, payload) for one attribute of an estimator's state (see
+    :meth:`Estimator.state_dict`)."""
     if isinstance(value, _PLAIN):
         return "plain", value
     if isinstance(value, Tensor):

@@ -39,5 +39,6 @@ class StopOnSignals:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # None: the old handler was installed outside Python; the default is the best guess
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()

@@ -25,9 +25,9 @@ from conftest import SMALL_VAE
 from torch import nn
 
 import estbench.cell
-from estbench import Estimate, Estimator, EstbenchError, SpecError
+from estbench import EstbenchError, Estimate, Estimator, SpecError
 from estbench.cell import CellInterrupted, run_cell
-from estbench.checkpoint import CheckpointWarning
+from estbench.checkpoint import CheckpointWarning, save_checkpoint
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure, parse_spec
 
@@ -103,7 +103,8 @@ def test_a_crashed_cell_resumes_to_the_rows_of_one_that_never_stopped(key, tmp_p
 def test_a_vae_cell_resumes_to_the_same_rows(name, tmp_path):
     estimator, params = ("relax", {}) if name == "bernoulli-vae" else ("gumbel-softmax", {})
     cell = Cell(name, SMALL_VAE[name], estimator, params, 1)
-    measure = replace(MEASURE, steps=8, checkpoints=(0, 6), log_every=2, checkpoint_every=3)
+    measure = replace(MEASURE, gradient_samples=4, steps=8, checkpoints=(0, 6), log_every=2,
+                      checkpoint_every=3)
     full = run_cell(cell, measure)
     path = tmp_path / "cell.pt"
     with pytest.raises(_Crash):
@@ -129,7 +130,7 @@ def test_a_changed_checkpoint_every_still_resumes_and_a_resumed_cell_can_stop_ag
     _assert_same_rows(full, resumed)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_the_checkpoint_and_raises_cell_interrupted(signum, tmp_path):
     cell = _toy("nvil", {})
     measure = replace(MEASURE, checkpoint_every=0)  # saved only because of the signal
@@ -150,44 +151,99 @@ def test_a_signal_saves_the_checkpoint_and_raises_cell_interrupted(signum, tmp_p
     _assert_same_rows(full, resumed)
 
 
-SIGKILL_SCRIPT = """
+def test_a_signal_during_a_gradient_phase_keeps_its_rows_and_never_repeats_it(tmp_path,
+                                                                             monkeypatch):
+    cell = _toy("relax", {})
+    full = run_cell(cell, MEASURE)
+    path = tmp_path / "cell.pt"
+    phase = estbench.cell._gradient_phase
+    calls: list[int] = []
+
+    def gradient_phase(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the phase at step 10
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the phase
+        return phase(*args, **kwargs)
+
+    monkeypatch.setattr(estbench.cell, "_gradient_phase", gradient_phase)
+    with pytest.raises(CellInterrupted, match="at step 10 of 24"):
+        run_cell(cell, replace(MEASURE, checkpoint_every=0), checkpoint=path)
+    assert torch.load(path, weights_only=True)["measured"]
+    resumed, first = _resume(cell, replace(MEASURE, checkpoint_every=0), path)
+    assert first == 10 and len(calls) == 3  # steps 0, 10 and 24, each once
+    _assert_same_rows(full, resumed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_cell_resumes_to_the_same_rows(tmp_path):
+    cell = _toy("relax", {})
+    full = pd.DataFrame(run_cell(cell, MEASURE, "cuda"))
+    path = tmp_path / "cell.pt"
+    with pytest.raises(_Crash):
+        run_cell(cell, MEASURE, "cuda", checkpoint=path, on_step=_crash_at(13))
+    resumed = pd.DataFrame(run_cell(cell, MEASURE, "cuda", checkpoint=path))
+    kept = ~full["metric"].isin(WALL_CLOCK)
+    pd.testing.assert_frame_equal(full[kept], resumed[kept], rtol=1e-5)
+
+
+LONG_CELL_SCRIPT = """
 import sys, time
 import torch
-from estbench.cell import run_cell
+from estbench.cell import CellInterrupted, run_cell
 from estbench.spec import Cell, Measure
 
 torch.set_num_threads(1)
 cell = Cell("bernoulli-toy", {"dim": 3, "batch_size": 4, "init_logit": 0.5}, "relax", {}, 5)
 measure = Measure(gradient_samples=20, checkpoints=(0, 300), steps=600, log_every=10,
                   checkpoint_every=25, throughput=False)
-run_cell(cell, measure, checkpoint=sys.argv[1], on_step=lambda done, total: time.sleep(0.005))
+try:
+    run_cell(cell, measure, checkpoint=sys.argv[1],
+             on_step=lambda done, total: time.sleep(0.005))
+except CellInterrupted:
+    sys.exit(3)
 """
 
 
-def test_sigkill_inside_a_long_cell_loses_at_most_one_interval(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_long_cell_killed_from_outside_resumes_to_the_same_rows(signum, tmp_path):
+    """SIGKILL loses at most one checkpoint interval; SIGTERM saves where it stopped."""
     path = tmp_path / "cell.pt"
     script = tmp_path / "long_cell.py"
-    script.write_text(textwrap.dedent(SIGKILL_SCRIPT))
+    script.write_text(textwrap.dedent(LONG_CELL_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(script), str(path)], env=env)
     try:
         deadline = time.monotonic() + 120
         while not path.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
+        time.sleep(0.02)  # a step or two past the first checkpoint
+        process.send_signal(signum)
+        code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 3)  # stopped, not finished
     saved_step = torch.load(path, weights_only=True)["step"]
+    assert 25 <= saved_step < 600
+    if signum == signal.SIGKILL:
+        assert saved_step % 25 == 0  # the last periodic checkpoint
     measure = Measure(gradient_samples=20, checkpoints=(0, 300), steps=600, log_every=10,
                       checkpoint_every=25, throughput=False)
-    assert 25 <= saved_step < 600 and saved_step % 25 == 0
     cell = Cell("bernoulli-toy", {"dim": 3, "batch_size": 4, "init_logit": 0.5}, "relax", {}, 5)
     resumed, first = _resume(cell, measure, path)
     assert first == saved_step
     _assert_same_rows(run_cell(cell, measure), resumed)
+
+
+def test_a_save_is_atomic_and_clears_what_a_killed_save_left(tmp_path):
+    path = tmp_path / "checkpoints" / "cell.pt"
+    save_checkpoint(path, {"step": 1})
+    stale = path.parent / ".cell.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cell.pt"]
 
 
 def _interrupted_checkpoint(cell: Cell, measure: Measure, path: Path) -> None:
