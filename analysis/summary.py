@@ -82,6 +82,7 @@ def _bias_columns(labelled: pd.DataFrame, alpha: float) -> list[pd.Series]:
         return []
     return [detected["bias_detected"].rename(DETECTED_TITLE),
             detected["pvalue"].rename(f"{DETECTED_TITLE} p"),
+            detected["alpha"].rename(f"{DETECTED_TITLE} alpha"),
             at_zero["bias_norm"].rename(BIAS_TITLE), at_zero["ci_low"].rename(f"{BIAS_TITLE} lo"),
             at_zero["ci_high"].rename(f"{BIAS_TITLE} hi")]
 
@@ -91,8 +92,9 @@ def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 
     """One row per (task, estimator configuration): ``seeds``, ``interval`` (method), ``note``,
     ``m``; for each headline metric the statistic over seeds and its interval (columns
     ``<title>``, ``<title> lo``, ``<title> hi``); ``bias detected`` (Holm over every seed and
-    checkpoint at family-wise level ``alpha``), its combined p-value ``bias detected p`` and
-    ``bias norm @0`` with its interval (:func:`analysis.bias.bias_tests`)."""
+    checkpoint at family-wise level ``alpha``), its combined p-value ``bias detected p``, the
+    level ``bias detected alpha`` and ``bias norm @0`` with its interval
+    (:func:`analysis.bias.bias_tests`). :func:`format_summary` states the level in the title."""
     labelled = add_labels(results) if "task_label" not in results else results
     if labelled.empty:
         return pd.DataFrame(columns=[*KEYS, "seeds"])
@@ -154,7 +156,7 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
         ]
         if title == _BIAS_AFTER:
             _add_bias(out, table)
-    if DETECTED_TITLE not in out:
+    if BIAS_TITLE not in out:
         _add_bias(out, table)
     for column in ("interval", "note"):
         if column in table:
@@ -166,8 +168,10 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
 def _add_bias(out: pd.DataFrame, table: pd.DataFrame) -> None:
     if DETECTED_TITLE not in table:
         return
-    out[DETECTED_TITLE] = [_detected(v, p) for v, p in
-                           zip(table[DETECTED_TITLE], table[f"{DETECTED_TITLE} p"])]
+    alpha = table[f"{DETECTED_TITLE} alpha"].dropna()
+    title = f"{DETECTED_TITLE} (Holm, {alpha.iloc[0]:g})" if len(alpha) else DETECTED_TITLE
+    out[title] = [_detected(v, p) for v, p in
+                  zip(table[DETECTED_TITLE], table[f"{DETECTED_TITLE} p"])]
     lo, hi = table[f"{BIAS_TITLE} lo"], table[f"{BIAS_TITLE} hi"]
     out[BIAS_TITLE] = [_fmt(v) if np.isnan(a) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
                        for v, a, b in zip(table[BIAS_TITLE], lo, hi)]

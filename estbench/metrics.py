@@ -84,8 +84,10 @@ class MetricValue(NamedTuple):
 
 def value_scale(latent, logits: Tensor, f: Callable[[Tensor], Tensor], samples: int = 8) -> float:
     """Mean |f(z)| over ``samples`` hard draws z ~ p(logits): the size of the values an estimate
-    combines, which sets its absolute float round-off (see the module docstring)."""
-    with torch.no_grad():
+    combines, which sets its absolute float round-off (see the module docstring). Drawn on a
+    forked random stream, so measuring it changes no other number."""
+    devices = [logits.device] if logits.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         return float(f(latent.sample(logits, (samples,))).abs().mean())
 
 

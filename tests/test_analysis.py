@@ -224,7 +224,7 @@ def test_summary_reads_eval_phase_and_old_train_phase_and_reports_bias():
     assert table.loc["old", "bias norm @0"] == pytest.approx(0.5)
     assert table.loc["new", "interval"] == "t" and "3 seeds" in table.loc["new", "note"]
     shown = format_summary(table.reset_index())
-    assert list(shown["bias detected"]) == ["no (p=1)", "yes (p=3e-09)"]
+    assert list(shown["bias detected (Holm, 0.001)"]) == ["no (p=1)", "yes (p=3e-09)"]
     assert "test -ELBO" not in shown  # no VAE in this run: no empty columns
 
 

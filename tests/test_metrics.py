@@ -193,3 +193,18 @@ def test_squared_bias_is_unclipped_and_its_interval_covers_the_truth():
     assert (squares < 0).any()
     assert abs(float(squares.mean())) < 3 * float(squares.std()) / math.sqrt(len(squares))
     assert covered >= 88  # 95% intervals: P(covered < 88 of 100) < 1%
+
+
+def test_value_scale_leaves_the_random_stream_alone():
+    from estbench.metrics import value_scale
+    from estbench.registry import TASKS
+
+    task = TASKS.get("bernoulli-toy")(dim=4, target=0.45)
+    params = task.init(torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    scale = value_scale(task.latent, task.logits(params, None), task.cost(params, None), 4000)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))
+    # mean |f| of (b - 0.45)^2 at p = 1/2: 0.5 (0.55^2 + 0.45^2) = 0.2525, SE < 0.001
+    assert scale == pytest.approx(0.2525, abs=0.005)
