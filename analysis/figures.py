@@ -156,6 +156,17 @@ def _note(fig: Figure, hidden: dict[str, list[str]], what: str) -> None:
              va="top", fontsize=7.5, color="0.3")
 
 
+def _share_columns(axes: dict, which: str = "y") -> None:
+    """Give every panel of a column (one task; rows are runs or checkpoints) the union of their
+    limits, so runs compare at a glance."""
+    for col in {c for _, c in axes}:
+        column = [ax for (_, c), ax in axes.items() if c == col and ax.get_visible()]
+        limits = [ax.get_ylim() if which == "y" else ax.get_xlim() for ax in column]
+        low, high = min(lo for lo, _ in limits), max(hi for _, hi in limits)
+        for ax in column:
+            (ax.set_ylim if which == "y" else ax.set_xlim)(low, high)
+
+
 def _panel_name(row, col, multi_row: bool) -> str:
     return f"{row} | {col}" if multi_row else str(col)
 
@@ -203,6 +214,7 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
             extent = _extent(shown["value"], shown["ci_low"], shown["ci_high"])
             _readable_log(ax.yaxis, extent[_on_log(extent, panel["value"])])
     _titles(axes, len(runs) > 1)
+    _share_columns(axes)
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)")
@@ -301,6 +313,8 @@ def plot_bias_variance(table: pd.DataFrame, title: str = "",
         ax.set_ylabel("bias norm ‖E ĝ − ∇L‖")
         ax.set_title(f"{run}, step {step}\n{task}" if multi_run else f"step {step}\n{task}",
                      fontsize=10)
+    _share_columns(axes, "x")
+    _share_columns(axes, "y")
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=False)

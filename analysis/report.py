@@ -159,15 +159,18 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _summary(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
-    """The formatted summary per (task, configuration); with several runs, one column per run
-    and metric (``<metric> [<run>]``)."""
+    """The formatted summary per (task, configuration); with several runs, one row per run
+    under each configuration (column ``run``)."""
     if len(runs) == 1:
         return format_summary(summary_table(results))
-    tables = []
-    for label, rows in results.groupby("run_label", sort=False):
-        table = format_summary(summary_table(rows)).set_index(KEYS).add_suffix(f" [{label}]")
-        tables.append(table)
-    return pd.concat(tables, axis=1, join="outer").fillna("–").reset_index()
+    tables = [format_summary(summary_table(rows)).assign(run=label)
+              for label, rows in results.groupby("run_label", sort=False)]
+    table = pd.concat(tables, ignore_index=True)
+    order = {r.label: i for i, r in enumerate(runs)}
+    table = table.sort_values(["task_label", "estimator_label", "run"],
+                              key=lambda c: c.map(order) if c.name == "run" else c)
+    columns = ["task_label", "estimator_label", "run"]
+    return table[columns + [c for c in table.columns if c not in columns]].fillna("–")
 
 
 def _fmt(value: float) -> str:
