@@ -75,19 +75,25 @@ def _on_log(values, reference) -> np.ndarray:
 
 
 def _readable_log(axis, values) -> None:
-    """Log scale with limits from the positive finite ``values`` and labels that never overprint:
-    decades when the span is wide, 1-2-5 steps when it is narrow; minor ticks unlabelled."""
+    """Log scale with limits from the positive finite ``values`` (padded) and readable ticks."""
     v = _positive(values)
-    if v.size:
-        low, high = v.min(), v.max()
-        if high / low < 1.2:
-            low, high = low / 1.1, high * 1.1
-        pad = max((high / low) ** 0.07, 1.3)
-        limits = (low / pad, high * pad)
-        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
-        decades = math.log10(limits[1] / limits[0])
-    else:
-        decades = 3
+    if not v.size:
+        _log_ticks(axis, *(axis.axes.get_xlim() if axis is axis.axes.xaxis
+                           else axis.axes.get_ylim()), set_limits=False)
+        return
+    low, high = v.min(), v.max()
+    if high / low < 1.2:
+        low, high = low / 1.1, high * 1.1
+    pad = max((high / low) ** 0.07, 1.3)
+    _log_ticks(axis, low / pad, high * pad)
+
+
+def _log_ticks(axis, low: float, high: float, set_limits: bool = True) -> None:
+    """Limits ``low, high`` and labels that never overprint: decades when the span is wide,
+    1-2-5 steps when it is narrow; minor ticks unlabelled."""
+    if set_limits:
+        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(low, high)
+    decades = math.log10(high / low) if low > 0 and high > low else 3
     if decades > 1.6:
         axis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
         axis.set_major_formatter(ticker.LogFormatterSciNotation())
@@ -161,10 +167,14 @@ def _share_columns(axes: dict, which: str = "y") -> None:
     limits, so runs compare at a glance."""
     for col in {c for _, c in axes}:
         column = [ax for (_, c), ax in axes.items() if c == col and ax.get_visible()]
+        axis_of = (lambda ax: ax.yaxis) if which == "y" else (lambda ax: ax.xaxis)
         limits = [ax.get_ylim() if which == "y" else ax.get_xlim() for ax in column]
         low, high = min(lo for lo, _ in limits), max(hi for _, hi in limits)
         for ax in column:
-            (ax.set_ylim if which == "y" else ax.set_xlim)(low, high)
+            if axis_of(ax).get_scale() == "log":
+                _log_ticks(axis_of(ax), low, high)
+            else:
+                (ax.set_ylim if which == "y" else ax.set_xlim)(low, high)
 
 
 def _panel_name(row, col, multi_row: bool) -> str:
