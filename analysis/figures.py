@@ -215,7 +215,8 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
         if gone:
             hidden[_panel_name(run, task, len(runs) > 1)] = gone
         if x == "step":
-            ax.set_xlabel("training step (checkpoint)" if sparse else "training step")
+            ax.set_xlabel("checkpoint step (configurations side by side, in legend order)"
+                          if sparse else "training step")
         else:
             ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel(ylabel)
@@ -227,7 +228,7 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
     _share_columns(axes)
     if title:
         fig.suptitle(title, x=0.01, ha="left")
-    _legend(fig, styles, table["estimator_label"], "estimator (colour: family)")
+    _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=not sparse)
     _note(fig, hidden, "zero up to round-off, negative or infinite: no place on a log axis"
           if log_y else "no finite value")
     return fig
@@ -373,6 +374,12 @@ def plot_against_temperature(table: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def _slot_note(ax, slot: int, text: str) -> None:
+    """A grey word in a configuration's empty row of a dot plot, so it never reads as missing."""
+    ax.text(0.01, slot, text, transform=ax.get_yaxis_transform(), va="center", fontsize=7,
+            color="0.55")
+
+
 def _bar_panels(table: pd.DataFrame, row_key: str, styles: dict[str, Style]):
     """Horizontal-bar figure skeleton: one row of panels per (run, ``row_key``) value, one
     column per task, one bar slot per configuration in legend order."""
@@ -399,10 +406,12 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
                       & (table["task_label"] == task)].set_index("estimator_label")
         for i, est in enumerate(order):
             if est not in panel.index:
+                _slot_note(ax, i, "no result for this task")
                 continue
             row = panel.loc[est]
             if not _on_log([row["value"]], panel["value"])[0]:
                 hidden.setdefault(f"{cost} | {task}", []).append(est)
+                _slot_note(ax, i, "≈ 0 (see note)")
                 continue
             ax.errorbar([row["value"]], [i], xerr=np.nan_to_num(
                 [[max(row["value"] - row["ci_low"], 0)], [max(row["ci_high"] - row["value"], 0)]]),
@@ -435,6 +444,8 @@ def plot_throughput(table: pd.DataFrame, title: str = "",
     multi_run = len(set(table["run_label"])) > 1
     for ((run, _), task), ax in axes.items():
         panel = table[(table["run_label"] == run) & (table["task_label"] == task)]
+        for i in [i for i, e in enumerate(order) if e not in set(panel["estimator_label"])]:
+            _slot_note(ax, i, "no result for this task")
         for device, rows in panel.groupby("device"):
             for _, row in rows.iterrows():
                 style = styles[row["estimator_label"]]
