@@ -139,6 +139,10 @@ def test_run_deltas_pair_seeds_and_skip_configurations_missing_from_a_run():
                                "step": 5, "metric": "loss_exact", "value": base + shift})
     deltas = panels.run_deltas(pd.DataFrame(frames), "a",
                                (("final loss", "train", "loss_exact", "last"),))
+    several_phases = panels.run_deltas(pd.DataFrame(frames), "a",
+                                       (("final loss", ("eval", "train"), "loss_exact", "last",
+                                         None),))
+    pd.testing.assert_frame_equal(deltas, several_phases)
     assert len(deltas) == 1
     row = deltas.iloc[0]
     assert (row["run_label"], row["estimator_label"], row["seeds"]) == ("b", "x", 3)
