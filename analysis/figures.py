@@ -89,12 +89,13 @@ def _readable_log(axis, values) -> None:
 
 
 def _log_ticks(axis, low: float, high: float, set_limits: bool = True) -> None:
-    """Limits ``low, high`` and labels that never overprint: decades when the span is wide,
-    1-2-5 steps when it is narrow; minor ticks unlabelled."""
+    """Limits ``low, high`` and labels that never overprint: powers of ten when two or more
+    lie inside the limits, else 1-2-5 steps; minor ticks unlabelled."""
     if set_limits:
         (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(low, high)
-    decades = math.log10(high / low) if low > 0 and high > low else 3
-    if decades > 1.6:
+    whole = (math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1
+             if low > 0 and high > low else 3)  # powers of ten inside the limits
+    if whole >= 2:
         axis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
         axis.set_major_formatter(ticker.LogFormatterSciNotation())
     else:
@@ -162,11 +163,13 @@ def _note(fig: Figure, hidden: dict[str, list[str]], what: str) -> None:
              va="top", fontsize=7.5, color="0.3")
 
 
-def _share_columns(axes: dict, which: str = "y") -> None:
+def _share_columns(axes: dict, which: str = "y", group=lambda row: None) -> None:
     """Give every panel of a column (one task; rows are runs or checkpoints) the union of their
-    limits, so runs compare at a glance."""
-    for col in {c for _, c in axes}:
-        column = [ax for (_, c), ax in axes.items() if c == col and ax.get_visible()]
+    limits, so runs compare at a glance; ``group(row)`` keeps rows of different quantities
+    apart."""
+    for col, kind in {(c, group(r)) for r, c in axes}:
+        column = [ax for (r, c), ax in axes.items()
+                  if c == col and group(r) == kind and ax.get_visible()]
         axis_of = (lambda ax: ax.yaxis) if which == "y" else (lambda ax: ax.xaxis)
         limits = [ax.get_ylim() if which == "y" else ax.get_xlim() for ax in column]
         low, high = min(lo for lo, _ in limits), max(hi for _, hi in limits)
@@ -185,9 +188,9 @@ def _rows(table: pd.DataFrame) -> list:
     return sorted(set(table["run_label"])) if len(table) else []
 
 
-def _titles(axes: dict, multi_row: bool, row_name: Callable[[object], str] = str) -> None:
+def _titles(axes: dict, multi_row: bool) -> None:
     for (row, col), ax in axes.items():
-        ax.set_title(f"{row_name(row)}\n{col}" if multi_row else str(col), fontsize=10)
+        ax.set_title(f"{row}\n{col}" if multi_row else str(col), fontsize=10)
 
 
 @_styled
@@ -381,9 +384,9 @@ def _slot_note(ax, slot: int, text: str) -> None:
 
 
 def _bar_panels(table: pd.DataFrame, row_key: str, styles: dict[str, Style]):
-    """Horizontal-bar figure skeleton: one row of panels per (run, ``row_key``) value, one
-    column per task, one bar slot per configuration in legend order."""
-    keys = [(run, k) for run in _rows(table) for k in sorted(set(table[row_key]))]
+    """Dot-plot figure skeleton: one row of panels per (``row_key`` value, run), one column per
+    task, one slot per configuration in legend order."""
+    keys = [(run, k) for k in sorted(set(table[row_key])) for run in _rows(table)]
     tasks = sorted(set(table["task_label"]))
     order = [e for e in styles if e in set(table["estimator_label"])]
     height = 0.24 * len(order) + 1.4
@@ -424,6 +427,7 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
         unit = "f evaluations" if cost.startswith("f") else "s"
         ax.set_xlabel(f"variance x cost (tr Cov x {unit}; lower is better)")
         ax.set_title(f"{run}: {cost}\n{task}" if multi_run else f"{cost}\n{task}", fontsize=10)
+    _share_columns(axes, "x", group=lambda row: row[1])
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     _note(fig, hidden, "zero (up to round-off) or not finite: no place on a log axis")
@@ -464,6 +468,7 @@ def plot_throughput(table: pd.DataFrame, title: str = "",
             _readable_log(ax.xaxis, np.concatenate([values, _positive(panel["q25"]),
                                                     _positive(panel["q75"])]) * 1e6)
         ax.set_title(f"{run}\n{task}" if multi_run else task, fontsize=10)
+    _share_columns(axes, "x")
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     if len(devices) > 1:

@@ -1,4 +1,4 @@
-"""``estbench report``: figures (PNG, SVG, PDF), a self-contained ``report.html`` and ``summary.md``.
+"""``estbench report``: figures (PNG, SVG, PDF), a self-contained ``report.html``, ``summary.md``.
 
 Given one run directory, the report summarises it; given several, it compares them: every row
 carries its run's label (the directory name, with parent folders where two names clash), every

@@ -92,7 +92,8 @@ def _gradient_rows(configs: dict[str, tuple[str, dict]], metric="grad_var_total"
     rows = []
     for label, (name, params) in configs.items():
         for seed in range(2):
-            rows.append({"run_label": "r", "run": "r", "task_label": "toy", "cell": f"{label}{seed}",
+            rows.append({"run_label": "r", "run": "r", "task_label": "toy",
+                         "cell": f"{label}{seed}",
                          "estimator_label": label, "estimator": name,
                          "estimator_params": json.dumps(params), "seed": seed, "phase": "gradient",
                          "step": 0, "metric": metric, "value": 1.0 + seed})
