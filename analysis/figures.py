@@ -90,7 +90,8 @@ def _readable_log(axis, values) -> None:
 
 def _log_ticks(axis, low: float, high: float, set_limits: bool = True) -> None:
     """Limits ``low, high`` and labels that never overprint: powers of ten when two or more
-    lie inside the limits, else 1-2-5 steps; minor ticks unlabelled."""
+    lie inside the limits, else 1-2-5 steps when two fit, else a few evenly spaced values;
+    minor ticks unlabelled."""
     if set_limits:
         (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(low, high)
     whole = (math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1
@@ -98,9 +99,14 @@ def _log_ticks(axis, low: float, high: float, set_limits: bool = True) -> None:
     if whole >= 2:
         axis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
         axis.set_major_formatter(ticker.LogFormatterSciNotation())
-    else:
-        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-        axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+        return
+    steps = [m * 10.0 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)))
+             for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+    locator = (ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12) if len(steps) >= 2
+               else ticker.MaxNLocator(nbins=4))
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
