@@ -75,25 +75,38 @@ def _on_log(values, reference) -> np.ndarray:
 
 
 def _readable_log(axis, values) -> None:
-    """Log scale with limits from the positive finite ``values`` and labels that never overprint:
-    decades when the span is wide, 1-2-5 steps when it is narrow; minor ticks unlabelled."""
+    """Log scale with limits from the positive finite ``values`` (padded) and readable ticks."""
     v = _positive(values)
-    if v.size:
-        low, high = v.min(), v.max()
-        if high / low < 1.2:
-            low, high = low / 1.1, high * 1.1
-        pad = max((high / low) ** 0.07, 1.3)
-        limits = (low / pad, high * pad)
-        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
-        decades = math.log10(limits[1] / limits[0])
-    else:
-        decades = 3
-    if decades > 1.6:
+    if not v.size:
+        _log_ticks(axis, *(axis.axes.get_xlim() if axis is axis.axes.xaxis
+                           else axis.axes.get_ylim()), set_limits=False)
+        return
+    low, high = v.min(), v.max()
+    if high / low < 1.2:
+        low, high = low / 1.1, high * 1.1
+    pad = max((high / low) ** 0.07, 1.3)
+    _log_ticks(axis, low / pad, high * pad)
+
+
+def _log_ticks(axis, low: float, high: float, set_limits: bool = True) -> None:
+    """Limits ``low, high`` and labels that never overprint: powers of ten when two or more
+    lie inside the limits, else 1-2-5 steps when two fit, else a few evenly spaced values;
+    minor ticks unlabelled."""
+    if set_limits:
+        (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(low, high)
+    whole = (math.floor(math.log10(high)) - math.ceil(math.log10(low)) + 1
+             if low > 0 and high > low else 3)  # powers of ten inside the limits
+    if whole >= 2:
         axis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
         axis.set_major_formatter(ticker.LogFormatterSciNotation())
-    else:
-        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-        axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+        return
+    steps = [m * 10.0 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)))
+             for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+    locator = (ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12) if len(steps) >= 2
+               else ticker.MaxNLocator(nbins=4))
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
@@ -156,6 +169,23 @@ def _note(fig: Figure, hidden: dict[str, list[str]], what: str) -> None:
              va="top", fontsize=7.5, color="0.3")
 
 
+def _share_columns(axes: dict, which: str = "y", group=lambda row: None) -> None:
+    """Give every panel of a column (one task; rows are runs or checkpoints) the union of their
+    limits, so runs compare at a glance; ``group(row)`` keeps rows of different quantities
+    apart."""
+    for col, kind in {(c, group(r)) for r, c in axes}:
+        column = [ax for (r, c), ax in axes.items()
+                  if c == col and group(r) == kind and ax.get_visible()]
+        axis_of = (lambda ax: ax.yaxis) if which == "y" else (lambda ax: ax.xaxis)
+        limits = [ax.get_ylim() if which == "y" else ax.get_xlim() for ax in column]
+        low, high = min(lo for lo, _ in limits), max(hi for _, hi in limits)
+        for ax in column:
+            if axis_of(ax).get_scale() == "log":
+                _log_ticks(axis_of(ax), low, high)
+            else:
+                (ax.set_ylim if which == "y" else ax.set_xlim)(low, high)
+
+
 def _panel_name(row, col, multi_row: bool) -> str:
     return f"{row} | {col}" if multi_row else str(col)
 
@@ -164,9 +194,9 @@ def _rows(table: pd.DataFrame) -> list:
     return sorted(set(table["run_label"])) if len(table) else []
 
 
-def _titles(axes: dict, multi_row: bool, row_name: Callable[[object], str] = str) -> None:
+def _titles(axes: dict, multi_row: bool) -> None:
     for (row, col), ax in axes.items():
-        ax.set_title(f"{row_name(row)}\n{col}" if multi_row else str(col), fontsize=10)
+        ax.set_title(f"{row}\n{col}" if multi_row else str(col), fontsize=10)
 
 
 @_styled
@@ -194,7 +224,8 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
         if gone:
             hidden[_panel_name(run, task, len(runs) > 1)] = gone
         if x == "step":
-            ax.set_xlabel("training step (checkpoint)" if sparse else "training step")
+            ax.set_xlabel("checkpoint step (configurations side by side, in legend order)"
+                          if sparse else "training step")
         else:
             ax.set_xlabel("training wall-clock (s)")
         ax.set_ylabel(ylabel)
@@ -203,9 +234,10 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
             extent = _extent(shown["value"], shown["ci_low"], shown["ci_high"])
             _readable_log(ax.yaxis, extent[_on_log(extent, panel["value"])])
     _titles(axes, len(runs) > 1)
+    _share_columns(axes)
     if title:
         fig.suptitle(title, x=0.01, ha="left")
-    _legend(fig, styles, table["estimator_label"], "estimator (colour: family)")
+    _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=not sparse)
     _note(fig, hidden, "zero up to round-off, negative or infinite: no place on a log axis"
           if log_y else "no finite value")
     return fig
@@ -301,6 +333,8 @@ def plot_bias_variance(table: pd.DataFrame, title: str = "",
         ax.set_ylabel("bias norm ‖E ĝ − ∇L‖")
         ax.set_title(f"{run}, step {step}\n{task}" if multi_run else f"step {step}\n{task}",
                      fontsize=10)
+    _share_columns(axes, "x")
+    _share_columns(axes, "y")
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=False)
@@ -349,10 +383,16 @@ def plot_against_temperature(table: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def _slot_note(ax, slot: int, text: str) -> None:
+    """A grey word in a configuration's empty row of a dot plot, so it never reads as missing."""
+    ax.text(0.01, slot, text, transform=ax.get_yaxis_transform(), va="center", fontsize=7,
+            color="0.55")
+
+
 def _bar_panels(table: pd.DataFrame, row_key: str, styles: dict[str, Style]):
-    """Horizontal-bar figure skeleton: one row of panels per (run, ``row_key``) value, one
-    column per task, one bar slot per configuration in legend order."""
-    keys = [(run, k) for run in _rows(table) for k in sorted(set(table[row_key]))]
+    """Dot-plot figure skeleton: one row of panels per (``row_key`` value, run), one column per
+    task, one slot per configuration in legend order."""
+    keys = [(run, k) for k in sorted(set(table[row_key])) for run in _rows(table)]
     tasks = sorted(set(table["task_label"]))
     order = [e for e in styles if e in set(table["estimator_label"])]
     height = 0.24 * len(order) + 1.4
@@ -375,10 +415,12 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
                       & (table["task_label"] == task)].set_index("estimator_label")
         for i, est in enumerate(order):
             if est not in panel.index:
+                _slot_note(ax, i, "no result for this task")
                 continue
             row = panel.loc[est]
             if not _on_log([row["value"]], panel["value"])[0]:
                 hidden.setdefault(f"{cost} | {task}", []).append(est)
+                _slot_note(ax, i, "≈ 0 (see note)")
                 continue
             ax.errorbar([row["value"]], [i], xerr=np.nan_to_num(
                 [[max(row["value"] - row["ci_low"], 0)], [max(row["ci_high"] - row["value"], 0)]]),
@@ -391,6 +433,7 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
         unit = "f evaluations" if cost.startswith("f") else "s"
         ax.set_xlabel(f"variance x cost (tr Cov x {unit}; lower is better)")
         ax.set_title(f"{run}: {cost}\n{task}" if multi_run else f"{cost}\n{task}", fontsize=10)
+    _share_columns(axes, "x", group=lambda row: row[1])
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     _note(fig, hidden, "zero (up to round-off) or not finite: no place on a log axis")
@@ -411,6 +454,8 @@ def plot_throughput(table: pd.DataFrame, title: str = "",
     multi_run = len(set(table["run_label"])) > 1
     for ((run, _), task), ax in axes.items():
         panel = table[(table["run_label"] == run) & (table["task_label"] == task)]
+        for i in [i for i, e in enumerate(order) if e not in set(panel["estimator_label"])]:
+            _slot_note(ax, i, "no result for this task")
         for device, rows in panel.groupby("device"):
             for _, row in rows.iterrows():
                 style = styles[row["estimator_label"]]
@@ -429,6 +474,7 @@ def plot_throughput(table: pd.DataFrame, title: str = "",
             _readable_log(ax.xaxis, np.concatenate([values, _positive(panel["q25"]),
                                                     _positive(panel["q75"])]) * 1e6)
         ax.set_title(f"{run}\n{task}" if multi_run else task, fontsize=10)
+    _share_columns(axes, "x")
     if title:
         fig.suptitle(title, x=0.01, ha="left")
     if len(devices) > 1:

@@ -210,13 +210,23 @@ def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
     return _with_estimator(pd.concat(out, ignore_index=True), results)[columns]
 
 
-def run_deltas(results: pd.DataFrame, baseline: str,
-               metrics: tuple[tuple[str, str, str, str], ...],
-               random_state: int = 0) -> pd.DataFrame:
+def _rows_in_phases(results: pd.DataFrame, metric: str, phases, step) -> pd.DataFrame:
+    """Rows of ``metric`` from the first of ``phases`` (one name or several, in order of
+    preference) that has any."""
+    for phase in (phases,) if isinstance(phases, str) else tuple(phases):
+        rows = select(results, metric, phase, step)
+        if not rows.empty:
+            return rows
+    return results.iloc[0:0]
+
+
+def run_deltas(results: pd.DataFrame, baseline: str, metrics, random_state: int = 0
+               ) -> pd.DataFrame:
     """Per-metric differences of every run from ``baseline`` (a run label), per task and
     estimator configuration present in both: seeds are paired (the same seed in both runs), the
-    delta is the mean over common seeds of ``other - baseline`` with a bootstrap interval.
-    ``metrics`` holds ``(title, phase, metric, step)`` rows as in the summary table.
+    delta is the mean over common seeds of ``other - baseline`` with a bootstrap interval
+    (:func:`analysis.stats.bootstrap_ci`). ``metrics`` holds rows that start with
+    ``(title, phase or phases, metric, step)``, as the summary table's do.
 
     Returns ``run_label, task_label, estimator_label, metric, baseline, value, delta, ci_low,
     ci_high, seeds``.
@@ -225,8 +235,8 @@ def run_deltas(results: pd.DataFrame, baseline: str,
                "delta", "ci_low", "ci_high", "seeds"]
     rng = np.random.default_rng(random_state)
     out = []
-    for title, phase, metric, step in metrics:
-        rows = select(results, metric, phase, step)
+    for title, phases, metric, step, *_ in metrics:
+        rows = _rows_in_phases(results, metric, phases, step)
         if rows.empty:
             continue
         per_seed = rows.groupby([*CONFIG, "seed"])["value"].mean().unstack("run_label")

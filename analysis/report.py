@@ -1,15 +1,16 @@
-"""``estbench report``: figures (PNG, SVG, PDF), a self-contained ``report.html`` and ``summary.md``.
+"""``estbench report``: figures (PNG, SVG, PDF), a self-contained ``report.html``, ``summary.md``.
 
 Given one run directory, the report summarises it; given several, it compares them: every row
 carries its run's label (the directory name, with parent folders where two names clash), every
 table and figure keys on (run, task, estimator configuration), and a table gives each run's
-per-metric differences from the first run with paired-bootstrap intervals. Failed and skipped
+per-metric differences from the first run with intervals over paired seeds. Failed and skipped
 cells are listed with their error or skip reason.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import io
 import json
@@ -96,7 +97,7 @@ def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
     if not var.empty:
         out["gradient_variance"] = figures.plot_curves(
             var, ylabel="gradient variance tr Cov", log_y=True, styles=styles,
-            title="Gradient variance at each checkpoint (mean over seeds, 95% bootstrap interval)")
+            title="Gradient variance at each checkpoint (mean over seeds, 95% interval)")
     bv = panels.bias_variance_table(results)
     if not bv.empty:
         out["bias_variance"] = figures.plot_bias_variance(
@@ -159,15 +160,18 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _summary(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
-    """The formatted summary per (task, configuration); with several runs, one column per run
-    and metric (``<metric> [<run>]``)."""
+    """The formatted summary per (task, configuration); with several runs, one row per run
+    under each configuration (column ``run``)."""
     if len(runs) == 1:
         return format_summary(summary_table(results))
-    tables = []
-    for label, rows in results.groupby("run_label", sort=False):
-        table = format_summary(summary_table(rows)).set_index(KEYS).add_suffix(f" [{label}]")
-        tables.append(table)
-    return pd.concat(tables, axis=1, join="outer").fillna("–").reset_index()
+    tables = [format_summary(summary_table(rows)).assign(run=label)
+              for label, rows in results.groupby("run_label", sort=False)]
+    table = pd.concat(tables, ignore_index=True)
+    order = {r.label: i for i, r in enumerate(runs)}
+    table = table.sort_values(["task_label", "estimator_label", "run"],
+                              key=lambda c: c.map(order) if c.name == "run" else c)
+    columns = ["task_label", "estimator_label", "run"]
+    return table[columns + [c for c in table.columns if c not in columns]].fillna("–")
 
 
 def _fmt(value: float) -> str:
@@ -221,13 +225,21 @@ def _render_per_task(frame: pd.DataFrame) -> str:
     return f"<div class='row'>{''.join(tables)}</div>"
 
 
-def _cell_problems(runs: list[Run]) -> pd.DataFrame:
-    """Failed and skipped cells of every run, with the first line of the error or the reason."""
+def _named(name: str | None, patterns: Sequence[str]) -> bool:
+    return not patterns or name is None or any(
+        name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _cell_problems(runs: list[Run], estimators: Sequence[str] = (),
+                   tasks: Sequence[str] = ()) -> pd.DataFrame:
+    """Failed and skipped cells of every run (of the estimators and tasks kept, by name), with
+    the first line of the error or the skip reason."""
     rows = []
     for run in runs:
         for cell_id, info in run.manifest.get("cells", {}).items():
             status = info.get("status")
-            if status not in ("failed", "skipped"):
+            if status not in ("failed", "skipped") or not (
+                    _named(info.get("estimator"), estimators) and _named(info.get("task"), tasks)):
                 continue
             error = run.path / "errors" / f"{cell_id}.txt"
             lines = error.read_text().splitlines() if error.is_file() else []
@@ -312,8 +324,8 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
              f"<p class='muted'>{results.groupby(['run_label', 'cell']).ngroups} finished cells"
              f"{html.escape(filters)}; values are the mean over seeds "
              f"({min(seeds, default=0)}–{max(seeds, default=0)} seeds per configuration) "
-             f"with 95% bootstrap intervals over seeds; with fewer than 5 seeds an interval "
-             f"is a rough guide only.</p>"]
+             f"with 95% intervals over seeds; with fewer than 5 seeds an interval is a rough "
+             f"guide only.</p>"]
     parts.append("<h2>Summary per task</h2>")
     for task, rows in summary.groupby("task_label", sort=True):
         parts.append(f"<h3>{html.escape(str(task))}</h3>")
@@ -321,7 +333,8 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
     if not deltas.empty:
         parts.append(f"<h2>Differences from run {html.escape(runs[0].label)}</h2>"
                      "<p class='muted'>other run minus the first, per metric: mean over the "
-                     "seeds both runs have (paired by seed) [95% bootstrap interval].</p>")
+                     "seeds both runs have (paired by seed) [95% interval over those seeds]."
+                     "</p>")
         for task, rows in deltas.groupby("task_label", sort=True):
             parts.append(f"<h3>{html.escape(str(task))}</h3>")
             parts.append(_render(rows.drop(columns=["task_label"])))
@@ -357,7 +370,7 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
 def _markdown(title: str, summary: pd.DataFrame, deltas: pd.DataFrame,
               problems: pd.DataFrame) -> str:
     md = [f"# estbench report: {title}", "",
-          "Mean over seeds with 95% bootstrap intervals over seeds.", ""]
+          "Mean over seeds with 95% intervals over seeds.", ""]
     for task, rows in summary.groupby("task_label", sort=True):
         md += [f"## {task}", "", _markdown_table(rows.drop(columns=["task_label"])), ""]
     if not deltas.empty:
@@ -389,7 +402,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     summary = _summary(runs, results)
     deltas = _deltas(runs, results) if len(runs) > 1 else pd.DataFrame()
     ranking = _rankings(results, len(runs) > 1)
-    problems = _cell_problems(runs)
+    problems = _cell_problems(runs, estimators, tasks)
     filters = "".join(f"; {flag} {', '.join(values)}" for flag, values in
                       (("--estimators", estimators), ("--tasks", tasks)) if values)
     written = [out / "report.html", out / "summary.md", out / "figures" / "index.json"]

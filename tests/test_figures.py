@@ -92,7 +92,8 @@ def _gradient_rows(configs: dict[str, tuple[str, dict]], metric="grad_var_total"
     rows = []
     for label, (name, params) in configs.items():
         for seed in range(2):
-            rows.append({"run_label": "r", "run": "r", "task_label": "toy", "cell": f"{label}{seed}",
+            rows.append({"run_label": "r", "run": "r", "task_label": "toy",
+                         "cell": f"{label}{seed}",
                          "estimator_label": label, "estimator": name,
                          "estimator_params": json.dumps(params), "seed": seed, "phase": "gradient",
                          "step": 0, "metric": metric, "value": 1.0 + seed})
@@ -139,8 +140,30 @@ def test_run_deltas_pair_seeds_and_skip_configurations_missing_from_a_run():
                                "step": 5, "metric": "loss_exact", "value": base + shift})
     deltas = panels.run_deltas(pd.DataFrame(frames), "a",
                                (("final loss", "train", "loss_exact", "last"),))
+    several_phases = panels.run_deltas(pd.DataFrame(frames), "a",
+                                       (("final loss", ("eval", "train"), "loss_exact", "last",
+                                         None),))
+    pd.testing.assert_frame_equal(deltas, several_phases)
     assert len(deltas) == 1
     row = deltas.iloc[0]
     assert (row["run_label"], row["estimator_label"], row["seeds"]) == ("b", "x", 3)
     assert row["delta"] == pytest.approx(1.0) and row["ci_low"] == pytest.approx(1.0)
     assert row["ci_high"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("span", [1.05, 3.0, 30.0, 1e3, 1e8])
+def test_log_ticks_are_few_distinct_and_inside_the_data_range(span):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 3.6))
+    ax = fig.subplots()
+    ax.set_yscale("log")
+    ax.plot([0, 1], [2e-4, 2e-4 * span])
+    figures._readable_log(ax.yaxis, [2e-4, 2e-4 * span])
+    fig.draw_without_rendering()
+    low, high = ax.get_ylim()
+    assert low < 2e-4 and 2e-4 * span < high < 2e-4 * span * 10
+    shown = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels()
+             if t.get_text() and low <= t.get_position()[1] <= high]
+    texts = [text for _, text in shown]
+    assert 2 <= len(shown) <= 8 and len(set(texts)) == len(texts), texts
