@@ -96,7 +96,7 @@ def execute_cell(job: Job, on_step: Callable[[int, int], None] | None = None) ->
     and return its outcome; never raises."""
     import torch
 
-    from estbench.cell import CellSkipped, cell_frame, run_cell
+    from estbench.cell import CellInterrupted, CellSkipped, cell_frame, run_cell
 
     cell = job.cell
     try:
@@ -107,7 +107,7 @@ def execute_cell(job: Job, on_step: Callable[[int, int], None] | None = None) ->
                            cell_frame(cell, records, job.run_name, cell.device, job.prov))
     except CellSkipped as skip:
         return CellOutcome(cell.id, "skipped", message=str(skip))
-    except KeyboardInterrupt:  # SIGINT or SIGTERM: stopped on request, stays pending
+    except (CellInterrupted, KeyboardInterrupt):  # SIGINT/SIGTERM: stopped, stays pending
         return CellOutcome(cell.id, "interrupted", message="stopped on request")
     except (Exception, SystemExit) as err:  # a failed cell never stops the matrix
         text = f"cell {cell.id}\n{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
