@@ -177,7 +177,7 @@ def _normalised_per_task(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 
 def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
-                        phase: str = "train", step: str = "last", taus: int = 101,
+                        phase: str = "eval", step: str = "last", taus: int = 101,
                         level: float = 0.95, n_boot: int = 500,
                         random_state: int = 0) -> pd.DataFrame:
     """Performance profile (Dolan & More 2002; rliable, Agarwal et al. 2021, arXiv 2108.13264):

@@ -78,14 +78,19 @@ def _curve_metrics(results: pd.DataFrame) -> list[str]:
     return sorted(found, key=lambda m: (known.index(m) if m in known else len(known), m))
 
 
+#: what a task is ranked and profiled by, in order of preference: the exact loss where a task
+#: has it, the test -ELBO on VAEs (what papers report), else the loss at hard samples
+HEADLINE_METRICS = (("loss_exact", "eval"), ("test_neg_elbo", "eval"), ("loss", "train"))
+
+
 def _headline_metric(results: pd.DataFrame) -> tuple[str, str]:
-    """The metric to rank and profile by: the exact loss where recorded, else the loss at hard
-    samples. Returns ``(metric, phase)``."""
-    for metric in ("loss_exact", "loss"):
+    """The first of :data:`HEADLINE_METRICS` that ``results`` records (old runs kept evaluation
+    metrics under phase ``train``). Returns ``(metric, phase)``."""
+    for metric, preferred in HEADLINE_METRICS:
         phases = results.loc[results["metric"] == metric, "phase"].unique()
         if len(phases):
-            return metric, ("eval" if "eval" in phases else phases[0])
-    return "loss_exact", "eval"
+            return metric, (preferred if preferred in phases else phases[0])
+    return HEADLINE_METRICS[0]
 
 
 def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
@@ -195,18 +200,26 @@ def _deltas(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.DataFrame]]:
-    """What :func:`analysis.stats.rank_estimators` returns on the headline metric, as a list of
-    frames. With several runs a configuration is ``run: estimator`` so no run hides another."""
-    metric, phase = _headline_metric(results)
-    if results[results["metric"] == metric].empty:
-        return metric, []
-    view = results
+    """What :func:`analysis.stats.rank_estimators` returns, each task ranked by its own headline
+    metric (:func:`_headline_metric`, named in the column ``ranked by``), as a list of frames.
+    With several runs a configuration is ``run: estimator`` so no run hides another."""
+    view = add_labels(results) if "task_label" not in results else results
     if multi_run:
-        view = results.assign(estimator_label=results["run_label"].astype(str) + ": "
-                              + results["estimator_label"].astype(str))
-    ranked = rank_estimators(view, metric, phase=phase, step="last")
-    frames = list(ranked) if isinstance(ranked, tuple) else [ranked]
-    return metric, [f for f in frames if isinstance(f, pd.DataFrame)]
+        view = view.assign(estimator_label=view["run_label"].astype(str) + ": "
+                           + view["estimator_label"].astype(str))
+    rankings, pairwise, used = [], [], []
+    for _, rows in view.groupby("task_label", sort=True):
+        metric, phase = _headline_metric(rows)
+        if rows[rows["metric"] == metric].empty:
+            continue
+        ranking, pairs = rank_estimators(rows, metric, phase=phase, step="last")
+        rankings.append(ranking.assign(**{"ranked by": f"final {metric}"}))
+        pairwise.append(pairs.assign(**{"ranked by": f"final {metric}"}))
+        used.append(metric)
+    if not rankings:
+        return "", []
+    return ", ".join(dict.fromkeys(used)), [pd.concat(rankings, ignore_index=True),
+                                             pd.concat(pairwise, ignore_index=True)]
 
 
 def _render(frame: pd.DataFrame) -> str:
@@ -340,7 +353,11 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
             parts.append(_render(rows.drop(columns=["task_label"])))
     metric, frames = ranking
     if frames:
-        parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>")
+        parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>"
+                     "<p class='muted'>Each task is ranked by its own headline metric (column "
+                     "<i>ranked by</i>): the exact loss where the task has one, the test -ELBO "
+                     "on VAEs, else the loss at hard samples; lower is better. Configurations "
+                     "whose intervals overlap the group leader's share its rank.</p>")
         parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
             parts.append(f"<details><summary>{', '.join(map(html.escape, frame.columns))} "

@@ -118,7 +118,7 @@ def test_performance_profile_fractions():
             for seed, v in enumerate(vals):
                 rows.append({"run_label": "r", "task_label": task, "estimator_label": est,
                              "estimator": est, "cell": f"{task}{est}{seed}", "seed": seed,
-                             "phase": "train", "step": 5, "metric": "loss_exact",
+                             "phase": "eval", "step": 5, "metric": "loss_exact",
                              "value": offset + v})
     profile = panels.performance_profile(pd.DataFrame(rows), taus=3).set_index(
         ["estimator_label", "tau"])
