@@ -50,6 +50,7 @@ class Measure:
     eval_every: int = 0
     throughput: bool = True
     throughput_min_time: float = 0.2
+    memory_budget_mb: float = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,12 @@ def _parse_measure(table: Any) -> Measure:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise _type_error("[measure]", key, "a positive number", v)
             values[key] = float(v)
+    if "memory_budget_mb" in values:
+        v = values["memory_budget_mb"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise _type_error("[measure]", "memory_budget_mb",
+                              "a number of MB >= 0 (0: a quarter of the free memory)", v)
+        values["memory_budget_mb"] = float(v)
     if "throughput" in values and not isinstance(values["throughput"], bool):
         raise _type_error("[measure]", "throughput", "true or false", values["throughput"])
     if "checkpoints" in values:
