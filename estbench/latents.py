@@ -224,7 +224,8 @@ def states_per_chunk(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tenso
            budget, getattr(f, "__code__", None))
     if key[-1] is None or key not in _STATES_PER_CHUNK:
         per_state = _probe_bytes_per_state(latent, logits, f, states)
-        count = int(budget // max(per_state, 1.0))
+        held = states.numel() * states.element_size()  # all the states, enumerated up front
+        count = int((budget - held) // max(per_state, 1.0))
         if count < 1:
             raise EstbenchError(
                 f"exact enumeration: one state of the {latent.describe()} latent needs "
