@@ -27,7 +27,7 @@ from estbench.gradients import (
     reference_logits_gradient,
     stream_draws,
 )
-from estbench.memory import budget_bytes, memory_budget
+from estbench.memory import budget_bytes, headroom_bytes, memory_budget
 from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure
@@ -83,8 +83,9 @@ def build(cell: Cell) -> tuple[Task, Estimator]:
 EXACT_METRICS_MAX_VALUES = 50_000_000
 #: bytes per stored value of the exact metrics: float32 draws, float64 copy, centred, squares
 EXACT_BYTES_PER_VALUE = 4 + 3 * 8
-#: bytes per value of a streamed chunk: float64 copy, squares, errors from the reference
-STREAM_BYTES_PER_VALUE = 4 * 8
+#: bytes per value of a streamed chunk: a group's float32 copy, then float64 copy, squares,
+#: errors from the reference and their squares, pair differences
+STREAM_BYTES_PER_VALUE = 4 + 5 * 8
 
 
 def _moments(task: Task, estimator: Estimator, params: Params, batch: Any, count: int,
@@ -140,13 +141,15 @@ def _gradient_phase(
     generator: torch.Generator, step: int,
 ) -> list[dict[str, Any]]:
     """Gradient quality at fixed parameters for all parameters, each parameter group and (where
-    the task asks) the logits, within the memory budget (``measure.memory_budget_mb``): exact
+    the task asks) the logits, within the memory budget (``measure.memory_budget_mb``; on CPU
+    the process's resident set, see :func:`estbench.memory.headroom_bytes`): exact
     metrics from stored draws when they are small, streamed statistics otherwise. A
     deterministic estimator is drawn once; its metrics are those of M identical draws (zero
     variance), which two identical rows give exactly."""
     device = next(iter(params.values())).device
-    with memory_budget(budget_bytes(measure.memory_budget_mb, device)) as budget:
-        return _measure_gradients(task, estimator, params, measure, generator, step, budget)
+    headroom = headroom_bytes(budget_bytes(measure.memory_budget_mb, device), device)
+    with memory_budget(headroom):
+        return _measure_gradients(task, estimator, params, measure, generator, step, headroom)
 
 
 def _measure_gradients(

@@ -220,16 +220,17 @@ def _chunk_that_fits(method: str, draw_bytes: int, out_bytes: int, per_draw_byte
                      budget: int) -> int:
     """Draws per chunk within ``budget``: a vectorised chunk of c draws holds about c times one
     draw's peak (an upper bound: the shared part is counted c times); the loop holds one draw's
-    working memory and the c rows it has stacked. ``per_draw_bytes``: the caller's own cost."""
+    working memory and the c rows it has gathered, twice while it stacks them.
+    ``per_draw_bytes``: the caller's own cost."""
     if method == "loop":
-        return (budget - draw_bytes) // max(out_bytes + per_draw_bytes, 1)
+        return (budget - draw_bytes) // max(2 * out_bytes + per_draw_bytes, 1)
     return budget // max(draw_bytes + per_draw_bytes, 1)
 
 
 def _too_big(task: Task, estimator: Estimator, need: int, budget: int) -> EstbenchError:
     return EstbenchError(
         f"gradient phase: one draw of '{estimator.name}' on '{task.name}' needs "
-        f"{need / MIB:.0f} MB, above the memory budget of {budget / MIB:.0f} MB; raise "
+        f"{need / MIB:.0f} MB, above the {budget / MIB:.0f} MB left of the memory budget; raise "
         f"[measure] memory_budget_mb (0: a quarter of free memory) or lower the task's "
         f"gradient batch size"
     )
@@ -261,7 +262,9 @@ def plan_draws(task: Task, estimator: Estimator, params: Params, batch: Any, num
                *, method: str = "auto", chunk_size: int | None = None,
                budget: int | None = None, per_draw_bytes: int = 0) -> DrawPlan:
     """Choose the method and chunk size of a stream of ``num_samples`` draws from measured
-    probes (the probes' random draws do not touch the ambient generator's state).
+    probes (the probes' random draws do not touch the ambient generator's state), once per
+    configuration in a process: later calls with the same task and estimator configurations,
+    shapes and settings reuse the plan.
 
     budget: bytes the draws may hold at once (default :func:`~estbench.memory.current_budget`);
     per_draw_bytes: what the caller keeps or spends per draw on top (stored rows, statistics).
@@ -272,6 +275,31 @@ def plan_draws(task: Task, estimator: Estimator, params: Params, batch: Any, num
         raise EstbenchError(f"gradient_samples must be >= 1, got {num_samples}")
     device = next(iter(params.values())).device
     budget = current_budget(device) if budget is None else budget
+    key = _plan_key(task, estimator, params, batch, num_samples, method, chunk_size, budget,
+                    per_draw_bytes)
+    if key not in _PLANS:
+        _PLANS[key] = _choose(task, estimator, params, batch, num_samples, method, chunk_size,
+                              budget, per_draw_bytes)
+    return _PLANS[key]
+
+
+#: plans already measured in this process (one probe per cell and configuration)
+_PLANS: dict[tuple, DrawPlan] = {}
+
+
+def _plan_key(task: Task, estimator: Estimator, params: Params, batch: Any,
+              *settings: Any) -> tuple:
+    """What a plan depends on: the configurations, shapes, device and settings."""
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in params.items())
+    batch_shape = tuple(batch.shape) if isinstance(batch, Tensor) else repr(batch)
+    return (type(task), repr(sorted(task.params().items())), type(estimator),
+            repr(sorted(estimator.params().items())), shapes, str(next(iter(params.values())).device),
+            batch_shape, settings)
+
+
+def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_samples: int,
+            method: str, chunk_size: int | None, budget: int, per_draw_bytes: int) -> DrawPlan:
+    device = next(iter(params.values())).device
     if method != "auto":
         candidates = [method]
     else:

@@ -2,7 +2,8 @@
 
 ``budget_bytes(mb, device)``: the memory one measurement may use, ``mb`` megabytes or, for 0,
 a quarter of what the machine has free (``MemAvailable`` of /proc/meminfo on CPU, the CUDA
-driver's free memory on a GPU). :func:`memory_budget` makes a budget current for the code that
+driver's free memory on a GPU). On CPU it bounds the process's resident set: work is planned
+within :func:`headroom_bytes`, the budget less what the process already holds. :func:`memory_budget` makes a budget current for the code that
 chunks its work (enumeration, the gradient engine); :func:`current_budget` reads it.
 
 ``peak_bytes(fn, device)``: the high-water mark of memory allocated while ``fn`` runs, above
@@ -38,6 +39,8 @@ __all__ = [
     "current_budget",
     "peak_bytes",
     "bytes_of",
+    "resident_bytes",
+    "headroom_bytes",
     "BUDGET_SHARE",
     "MIB",
 ]
@@ -74,6 +77,24 @@ def budget_bytes(mb: float = 0, device: torch.device | str = "cpu") -> int:
     if mb:
         return int(mb * MIB)
     return int(BUDGET_SHARE * available_bytes(device))
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def headroom_bytes(budget: int, device: torch.device | str = "cpu") -> int:
+    """What a budget leaves for new work: on CPU the budget bounds the whole process, so what
+    it already holds (torch, data, parameters) is taken off; on CUDA the budget is already a
+    share of the free device memory."""
+    if torch.device(device).type == "cuda":
+        return budget
+    return max(0, budget - resident_bytes())
 
 
 @contextlib.contextmanager

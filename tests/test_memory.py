@@ -115,15 +115,17 @@ def test_enumeration_that_cannot_fit_one_state_is_a_clear_error():
 
 
 # draws within the budget -----------------------------------------------------------------------
-def test_draws_stay_within_the_budget_they_are_given():
+@pytest.mark.parametrize("method", ["flat", "batched", "loop"])
+def test_draws_stay_within_the_budget_they_are_given(method):
     task, params = _encoder_task()
     estimator = ESTIMATORS.get("reinforce")()
     budget = 256 * 1024
-    plan = plan_draws(task, estimator, params, None, 4000, budget=budget)
+    plan = plan_draws(task, estimator, params, None, 4000, method=method, budget=budget)
     assert plan.chunk < 4000  # the budget forces several chunks
 
     def consume():
-        for chunk in stream_draws(task, estimator, params, None, 4000, budget=budget):
+        for chunk in stream_draws(task, estimator, params, None, 4000, method=method,
+                                  budget=budget):
             del chunk
 
     _, peak = peak_bytes(consume)
@@ -137,7 +139,7 @@ def test_a_draw_that_cannot_fit_fails_with_one_line_naming_the_budget():
         _gradient_phase(task, ESTIMATORS.get("reinforce")(), params, measure,
                         torch.Generator().manual_seed(0), 0)
     message = str(err.value)
-    assert "\n" not in message and "memory budget of 0 MB" in message
+    assert "\n" not in message and "0 MB left of the memory budget" in message
     assert "memory_budget_mb" in message
 
 
