@@ -34,7 +34,7 @@ from torch.func import grad, vmap
 from estbench.contracts import Cost, Estimator, Params, Task
 from estbench.errors import EstbenchError
 from estbench.latents import expectation_by_enumeration
-from estbench.memory import MIB, bytes_of, current_budget, peak_bytes
+from estbench.memory import MIB, bytes_of, current_budget, megabytes, peak_bytes
 
 __all__ = [
     "sample_gradients",
@@ -230,7 +230,7 @@ def _chunk_that_fits(method: str, draw_bytes: int, out_bytes: int, per_draw_byte
 def _too_big(task: Task, estimator: Estimator, need: int, budget: int) -> EstbenchError:
     return EstbenchError(
         f"gradient phase: one draw of '{estimator.name}' on '{task.name}' needs "
-        f"{need / MIB:.0f} MB, above the {budget / MIB:.0f} MB left of the memory budget; raise "
+        f"{megabytes(need)}, above the {megabytes(budget)} left of the memory budget; raise "
         f"[measure] memory_budget_mb (0: a quarter of free memory) or lower the task's "
         f"gradient batch size"
     )

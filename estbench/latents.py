@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from estbench.errors import EstbenchError
-from estbench.memory import MIB, current_budget, peak_bytes
+from estbench.memory import current_budget, megabytes, peak_bytes
 
 __all__ = [
     "Latent",
@@ -229,8 +229,8 @@ def states_per_chunk(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tenso
         if count < 1:
             raise EstbenchError(
                 f"exact enumeration: one state of the {latent.describe()} latent needs "
-                f"{per_state / MIB:.0f} MB for this batch, above the memory budget of "
-                f"{budget / MIB:.0f} MB; raise [measure] memory_budget_mb or lower the batch size")
+                f"{megabytes(per_state)} for this batch, above the {megabytes(budget)} left of "
+                f"the memory budget; raise [measure] memory_budget_mb or lower the batch size")
         _STATES_PER_CHUNK[key] = count
     return _STATES_PER_CHUNK[key]
 

@@ -40,6 +40,7 @@ __all__ = [
     "peak_bytes",
     "bytes_of",
     "resident_bytes",
+    "megabytes",
     "headroom_bytes",
     "BUDGET_SHARE",
     "MIB",
@@ -77,6 +78,12 @@ def budget_bytes(mb: float = 0, device: torch.device | str = "cpu") -> int:
     if mb:
         return int(mb * MIB)
     return int(BUDGET_SHARE * available_bytes(device))
+
+
+def megabytes(nbytes: float) -> str:
+    """``nbytes`` for a message: ``'0.004 MB'``, ``'3.2 MB'``, ``'5698 MB'``."""
+    mb = nbytes / MIB
+    return f"{mb:.0f} MB" if mb >= 100 else f"{mb:.2g} MB"
 
 
 def resident_bytes() -> int:
