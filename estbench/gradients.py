@@ -196,6 +196,8 @@ PROBE_DRAWS = 8
 #: a chunk's working set, at most: larger chunks only add page faults and cache misses (on the
 #: 20x10 VAE, chunks of 10-20 draws ran 1.0x the physical limit, one chunk of 200 draws 1.9x)
 CHUNK_TARGET_BYTES = 128 * MIB
+#: draws per chunk below which the target does not go (streamed statistics pair draws up)
+MIN_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -216,15 +218,19 @@ def _draws(method: str, task: Task, estimator: Estimator, params: Params, batch:
     return grads.detach(), logit_grads.detach()
 
 
-def _chunk_that_fits(method: str, draw_bytes: int, out_bytes: int, per_draw_bytes: int,
-                     budget: int) -> int:
-    """Draws per chunk within ``budget``: a vectorised chunk of c draws holds about c times one
-    draw's peak (an upper bound: the shared part is counted c times); the loop holds one draw's
-    working memory and the c rows it has gathered, twice while it stacks them.
-    ``per_draw_bytes``: the caller's own cost."""
+def _chunk_size(method: str, draw_bytes: int, out_bytes: int, per_draw_bytes: int,
+                budget: int) -> int:
+    """Draws per chunk: as many as fit ``budget`` up to a working set of about
+    :data:`CHUNK_TARGET_BYTES` (at least :data:`MIN_CHUNK` draws, which streamed statistics pair
+    up, when they fit); 0 when not one draw fits. A vectorised chunk of c draws holds about c
+    times one draw's peak (an upper bound: the shared part is counted c times); the loop holds
+    one draw's working memory and the c rows it has gathered, twice while it stacks them.
+    ``per_draw_bytes``: the caller's own cost per draw."""
+    fixed, per_draw = 0, draw_bytes + per_draw_bytes
     if method == "loop":
-        return (budget - draw_bytes) // max(2 * out_bytes + per_draw_bytes, 1)
-    return budget // max(draw_bytes + per_draw_bytes, 1)
+        fixed, per_draw = draw_bytes, 2 * out_bytes + per_draw_bytes
+    fits = max(0, budget - fixed) // max(per_draw, 1)
+    return min(fits, max(MIN_CHUNK, CHUNK_TARGET_BYTES // max(per_draw, 1)))
 
 
 def _too_big(task: Task, estimator: Estimator, need: int, budget: int) -> EstbenchError:
@@ -243,11 +249,10 @@ def _probe(method: str, task: Task, estimator: Estimator, params: Params, batch:
     (grads, logit_grads), draw_bytes = peak_bytes(
         lambda: _draws(method, task, estimator, params, batch, 1), device)
     out_bytes = bytes_of(grads, logit_grads)
-    fits = _chunk_that_fits(method, draw_bytes, out_bytes, per_draw_bytes, budget)
+    fits = _chunk_size(method, draw_bytes, out_bytes, per_draw_bytes, budget)
     if fits < 1 and not chunk_size:
         raise _too_big(task, estimator, draw_bytes + per_draw_bytes, budget)
-    chunk = min(chunk_size or min(fits, max(1, CHUNK_TARGET_BYTES // max(draw_bytes, 1))),
-                num_samples)
+    chunk = min(chunk_size or fits, num_samples)
     if not timed:
         return DrawPlan(method, chunk, draw_bytes)
     count = min(PROBE_DRAWS, chunk)
