@@ -1,14 +1,15 @@
 """The gradient phase of the categorical VAEs at full size: seconds per checkpoint, peak RSS, and
 the draws against the physical limit.
 
-    python benchmarks/gradient_phase.py phase --task 8x4     # every categorical estimator, M = 1,000
+    python benchmarks/gradient_phase.py phase --task 8x4     # every categorical estimator
     python benchmarks/gradient_phase.py phase --task 20x10   # sample-based reference
     python benchmarks/gradient_phase.py limit                # flat, batched, loop / physical limit
 
 ``phase`` runs one checkpoint of the gradient phase (reference included) per estimator, each in a
 fresh process so that its peak resident set (``ru_maxrss``: the whole process, data and torch
-included) is its own, under the default memory budget. ``limit`` times M = 200 draws (chunk by chunk, as the
-gradient phase takes them, the probes of ``auto`` included) of ``st-gumbel-softmax`` on the 20x10 VAE with a batch of 100 (one torch thread, medians of
+included) is its own, under the default memory budget. ``limit`` times M = 200 draws (chunk by
+chunk, as the gradient phase takes them, the probes of ``auto`` included) of
+``st-gumbel-softmax`` on the 20x10 VAE with a batch of 100 (one torch thread, medians of
 ``--rounds``) against one forward and backward pass over all 200 x 100 draws with shared
 parameters. Data: ``$ESTBENCH_DATA``.
 """
@@ -69,7 +70,7 @@ def one_phase(task_key: str, estimator_name: str, samples: int, reference_sample
 
 
 def phase_table(task_key: str, samples: int, reference_samples: int, names: list[str]) -> None:
-    print(f"| estimator | method | s / checkpoint | peak RSS (MB) | budget (MB) |")
+    print("| estimator | method | s / checkpoint | peak RSS (MB) | budget (MB) |")
     print("|---|---|---|---|---|")
     for name in names:
         if task_key != "8x4" and ESTIMATORS.get(name).deterministic:

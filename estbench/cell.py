@@ -94,7 +94,8 @@ def _moments(task: Task, estimator: Estimator, params: Params, batch: Any, count
     A deterministic estimator's mean is its one draw, with variance 0."""
     if estimator.deterministic:
         grads, logit_grads = next(stream_draws(task, estimator, params, batch, 1))
-        return grads[0], torch.zeros_like(grads[0]), logit_grads[0], torch.zeros_like(logit_grads[0])
+        zero, logit_zero = torch.zeros_like(grads[0]), torch.zeros_like(logit_grads[0])
+        return grads[0], zero, logit_grads[0], logit_zero
     stats, logit_stats = StreamingGradientMetrics(None), StreamingGradientMetrics(None)
     size = sum(p.numel() for p in params.values()) + _logits_size(task, params, batch)
     for grads, logit_grads in stream_draws(task, estimator, params, batch, count,

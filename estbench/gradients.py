@@ -297,9 +297,9 @@ def _plan_key(task: Task, estimator: Estimator, params: Params, batch: Any,
     """What a plan depends on: the configurations, shapes, device and settings."""
     shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in params.items())
     batch_shape = tuple(batch.shape) if isinstance(batch, Tensor) else repr(batch)
+    device = str(next(iter(params.values())).device)
     return (type(task), repr(sorted(task.params().items())), type(estimator),
-            repr(sorted(estimator.params().items())), shapes, str(next(iter(params.values())).device),
-            batch_shape, settings)
+            repr(sorted(estimator.params().items())), shapes, device, batch_shape, settings)
 
 
 def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_samples: int,

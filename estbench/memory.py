@@ -3,8 +3,9 @@
 ``budget_bytes(mb, device)``: the memory one measurement may use, ``mb`` megabytes or, for 0,
 a quarter of what the machine has free (``MemAvailable`` of /proc/meminfo on CPU, the CUDA
 driver's free memory on a GPU). On CPU it bounds the process's resident set: work is planned
-within :func:`headroom_bytes`, the budget less what the process already holds. :func:`memory_budget` makes a budget current for the code that
-chunks its work (enumeration, the gradient engine); :func:`current_budget` reads it.
+within :func:`headroom_bytes`, the budget less what the process already holds.
+:func:`memory_budget` makes a budget current for the code that chunks its work (enumeration, the
+gradient engine); :func:`current_budget` reads it.
 
 ``peak_bytes(fn, device)``: the high-water mark of memory allocated while ``fn`` runs, above
 what was allocated when it started. On CUDA the caching allocator's own counters (peak reset
