@@ -20,7 +20,7 @@ def setup():
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "rloo", "gumbel-softmax", "st-gumbel-softmax"])
-@pytest.mark.parametrize("method", ["batched", "loop"])
+@pytest.mark.parametrize("method", ["flat", "batched", "loop"])
 def test_gradient_samples(benchmark, setup, estimator, method):
     task, params = setup
     est = ESTIMATORS.get(estimator)()

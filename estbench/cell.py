@@ -42,6 +42,7 @@ from estbench.gradients import (
 )
 from estbench.interruption import StopOnSignals
 from estbench.latents import Latent, one_hot
+from estbench.memory import budget_bytes, headroom_bytes, memory_budget
 from estbench.metrics import MetricValue, StreamingGradientMetrics, gradient_metrics, value_scale
 from estbench.registry import ESTIMATORS, TASKS
 from estbench.spec import Cell, Measure
@@ -97,25 +98,44 @@ def build(cell: Cell) -> tuple[Task, Estimator]:
     return task, estimator
 
 
-#: above this many stored values (M x P), gradient metrics are streamed instead of exact
+#: above this many stored values (M x P), gradient metrics are streamed instead of exact (the
+#: exact ones cost M^2 P for tr(Sigma^2)); below it they are streamed when the budget is short
 EXACT_METRICS_MAX_VALUES = 50_000_000
+#: bytes per stored value of the exact metrics: float32 draws, float64 copy, centred, squares
+EXACT_BYTES_PER_VALUE = 4 + 3 * 8
+#: bytes per value of a streamed chunk: a group's float32 copy, then float64 copy, squares,
+#: errors from the reference and their squares, pair differences
+STREAM_BYTES_PER_VALUE = 4 + 5 * 8
 
 
 def _moments(task: Task, estimator: Estimator, params: Params, batch: Any, count: int,
              measure: Measure) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean and variance-of-the-mean of ``count`` draws (parameters, then logits), streamed."""
+    """Mean and variance-of-the-mean of ``count`` draws (parameters, then logits), streamed.
+    A deterministic estimator's mean is its one draw, with variance 0."""
+    if estimator.deterministic:
+        grads, logit_grads = next(stream_draws(task, estimator, params, batch, 1))
+        zero, logit_zero = torch.zeros_like(grads[0]), torch.zeros_like(logit_grads[0])
+        return grads[0], zero, logit_grads[0], logit_zero
     stats, logit_stats = StreamingGradientMetrics(None), StreamingGradientMetrics(None)
+    size = sum(p.numel() for p in params.values()) + _logits_size(task, params, batch)
     for grads, logit_grads in stream_draws(task, estimator, params, batch, count,
-                                           chunk_size=measure.gradient_chunk or None):
+                                           chunk_size=measure.gradient_chunk or None,
+                                           per_draw_bytes=STREAM_BYTES_PER_VALUE * size):
         stats.add(grads)
         logit_stats.add(logit_grads)
     return (*stats.moments(), *logit_stats.moments())
 
 
+def _logits_size(task: Task, params: Params, batch: Any) -> int:
+    with torch.no_grad():
+        return task.logits({n: p.detach() for n, p in params.items()}, batch).numel()
+
+
 def _reference(task: Task, params: Params, batch: Any, measure: Measure,
                ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(g*, its variance, g*_logits, its variance): exact where the task has it, else the mean of
-    ``reference_samples`` draws of an unbiased estimator (variance = per-coordinate SE^2)."""
+    """(g*, its variance, g*_logits, its variance): exact where the task has it (enumeration in
+    chunks within the budget), else the mean of ``reference_samples`` draws of an unbiased
+    estimator (variance = per-coordinate SE^2)."""
     exact = reference_gradient(task, params, batch)
     exact_logits = reference_logits_gradient(task, params, batch) if task.logits_metrics else None
     if exact is not None:
@@ -142,8 +162,21 @@ def _gradient_phase(
     generator: torch.Generator, step: int,
 ) -> list[dict[str, Any]]:
     """Gradient quality at fixed parameters for all parameters, each parameter group and (where
-    the task asks) the logits: exact metrics from stored draws when they are small, streamed
-    statistics otherwise."""
+    the task asks) the logits, within the memory budget (``measure.memory_budget_mb``; on CPU
+    the process's resident set, see :func:`estbench.memory.headroom_bytes`): exact
+    metrics from stored draws when they are small, streamed statistics otherwise. A
+    deterministic estimator is drawn once; its metrics are those of M identical draws (zero
+    variance), which two identical rows give exactly."""
+    device = next(iter(params.values())).device
+    headroom = headroom_bytes(budget_bytes(measure.memory_budget_mb, device), device)
+    with memory_budget(headroom):
+        return _measure_gradients(task, estimator, params, measure, generator, step, headroom)
+
+
+def _measure_gradients(
+    task: Task, estimator: Estimator, params: Params, measure: Measure,
+    generator: torch.Generator, step: int, budget: int,
+) -> list[dict[str, Any]]:
     batch = task.gradient_batch(generator)
     reference, reference_var, logit_ref, logit_ref_var = _reference(task, params, batch, measure)
     # view key -> (coordinates of the parameter gradient or None for all, is it the logits view)
@@ -156,12 +189,21 @@ def _gradient_phase(
             else (_subset(reference, index), _subset(reference_var, index))
             for key, (index, is_logits) in views.items()}
     total = sum(p.numel() for p in params.values())
-    exact = measure.gradient_samples * total <= EXACT_METRICS_MAX_VALUES
+    sizes = {key: (_logits_size(task, params, batch) if is_logits
+                   else total if index is None else index.numel())
+             for key, (index, is_logits) in views.items()}
+    values_per_draw = sum(sizes.values())
+    count = 2 if estimator.deterministic else measure.gradient_samples
+    stored_bytes = count * values_per_draw * EXACT_BYTES_PER_VALUE
+    exact = (count * total <= EXACT_METRICS_MAX_VALUES and stored_bytes <= budget // 2)
+    per_draw = 4 * values_per_draw if exact else STREAM_BYTES_PER_VALUE * values_per_draw
+    draw_budget = budget - (stored_bytes if exact else 4 * 8 * values_per_draw)
     stored: dict[str, list[Tensor]] = {key: [] for key in views}
     streams = {} if exact else {key: StreamingGradientMetrics(refs[key][0]) for key in views}
     for grads, logit_grads in stream_draws(
-            task, estimator, params, batch, measure.gradient_samples,
-            method=measure.gradient_method, chunk_size=measure.gradient_chunk or None):
+            task, estimator, params, batch, count, method=measure.gradient_method,
+            chunk_size=measure.gradient_chunk or None, budget=draw_budget,
+            per_draw_bytes=per_draw):
         if not torch.isfinite(grads).all():
             raise NonFiniteError(f"non-finite gradient estimate at step {step}")
         for key, (index, is_logits) in views.items():

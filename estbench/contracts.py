@@ -61,6 +61,9 @@ class Estimator(HyperParams, abc.ABC):
     relaxed_inputs: ClassVar[bool] = False
     min_samples: ClassVar[int] = 1
     vectorisable: ClassVar[bool] = True
+    #: True when an estimate has no randomness (the same logits give the same estimate, e.g.
+    #: exact enumeration): the measurement draws it once and treats M draws as identical.
+    deterministic: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from estbench.errors import EstbenchError
+from estbench.memory import current_budget, megabytes, peak_bytes
 
 __all__ = [
     "Latent",
@@ -25,6 +27,7 @@ __all__ = [
     "logistic",
     "one_hot",
     "expectation_by_enumeration",
+    "states_per_chunk",
     "DEFAULT_MAX_STATES",
 ]
 
@@ -51,9 +54,10 @@ def logistic(shape: torch.Size | tuple, like: Tensor) -> Tensor:
 
 
 def one_hot(index: Tensor, categories: int, dtype: torch.dtype) -> Tensor:
-    """One-hot encoding as a float tensor ``[..., K]``."""
-    out = torch.zeros(*index.shape, categories, dtype=dtype, device=index.device)
-    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
+    """One-hot encoding as a float tensor ``[..., K]`` (out of place, so it also runs under
+    ``torch.func.vmap``)."""
+    values = torch.arange(categories, device=index.device)
+    return (index.unsqueeze(-1) == values).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -161,18 +165,101 @@ class Latent:
             )
 
 
-def expectation_by_enumeration(
-    latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor], max_states: int
-) -> Tensor:
-    """E_{z ~ p(logits)}[f(z)] by summing over all states: ``[*batch]``, differentiable in the
-    logits (through p) and in any parameter inside ``f``."""
-    latent.check_enumerable(max_states)
-    states = latent.enumerate_states(logits.dtype, logits.device)  # [S, *event]
+def _weighted_sum(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor],
+                  states: Tensor) -> Tensor:
+    """sum_{z in states} p(z) f(z): ``[*batch]``."""
     batch = latent.batch_shape(logits)
     view = (states.shape[0],) + (1,) * len(batch) + latent.event_shape
     z = states.reshape(view).expand((states.shape[0],) + tuple(logits.shape))
     weights = latent.log_prob(logits, z).exp()  # [S, *batch]
     return (weights * f(z)).sum(0)
+
+
+def _graph_leaves(value: Tensor) -> list[Tensor]:
+    """The leaf tensors that ``value``'s autograd graph accumulates gradients into."""
+    leaves, seen, stack = [], set(), [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+#: states in the probe chunk that measures the memory of enumeration per state
+PROBE_STATES = 16
+#: enumerations whose one-hot states take less than this share of the budget are not probed
+UNPROBED_SHARE = 1e-4
+_STATES_PER_CHUNK: dict[tuple, int] = {}
+
+
+def _probe_bytes_per_state(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor],
+                           states: Tensor) -> float:
+    """Measured peak bytes per state of the weighted sum (forward, and backward to every leaf
+    when gradients are on) over the first :data:`PROBE_STATES` states."""
+    probe = states[:PROBE_STATES]
+
+    def run() -> None:
+        value = _weighted_sum(latent, logits, f, probe).sum()
+        leaves = _graph_leaves(value) if value.requires_grad else []
+        if leaves:
+            torch.autograd.grad(value, leaves, allow_unused=True, retain_graph=True)
+
+    _, peak = peak_bytes(run, logits.device)
+    return peak / probe.shape[0]
+
+
+def states_per_chunk(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor],
+                     states: Tensor) -> int:
+    """How many states one chunk of the enumeration may hold within the current memory budget,
+    from a measured probe (cached per cost function, logits shape, device and budget)."""
+    budget = current_budget(logits.device)
+    one_hot_bytes = states.numel() * logits[..., :1].numel() * logits.element_size()
+    if one_hot_bytes < UNPROBED_SHARE * budget:
+        return states.shape[0]
+    key = (latent, tuple(logits.shape), str(logits.device), torch.is_grad_enabled(),
+           budget, getattr(f, "__code__", None))
+    if key[-1] is None or key not in _STATES_PER_CHUNK:
+        per_state = _probe_bytes_per_state(latent, logits, f, states)
+        held = states.numel() * states.element_size()  # all the states, enumerated up front
+        count = int((budget - held) // max(per_state, 1.0))
+        if count < 1:
+            raise EstbenchError(
+                f"exact enumeration: one state of the {latent.describe()} latent needs "
+                f"{megabytes(per_state)} for this batch, above the {megabytes(budget)} left of "
+                f"the memory budget; raise [measure] memory_budget_mb or lower the batch size")
+        _STATES_PER_CHUNK[key] = count
+    return _STATES_PER_CHUNK[key]
+
+
+def expectation_by_enumeration(
+    latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor], max_states: int
+) -> Tensor:
+    """E_{z ~ p(logits)}[f(z)] by summing over all states: ``[*batch]``, differentiable in the
+    logits (through p) and in any parameter inside ``f``.
+
+    The states are summed in chunks that fit the current memory budget
+    (:func:`estbench.memory.memory_budget`, measured by a probe); with gradients on, each chunk
+    is checkpointed (its activations are recomputed in the backward pass instead of kept), so
+    the forward and backward passes hold one chunk at a time."""
+    latent.check_enumerable(max_states)
+    states = latent.enumerate_states(logits.dtype, logits.device)  # [S, *event]
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):  # inside vmap/grad: one pass
+        return _weighted_sum(latent, logits, f, states)
+    chunk = states_per_chunk(latent, logits, f, states)
+    if chunk >= states.shape[0]:
+        return _weighted_sum(latent, logits, f, states)
+    total = None
+    for part in states.split(chunk):
+        if torch.is_grad_enabled():
+            value = checkpoint(_weighted_sum, latent, logits, f, part, use_reentrant=False)
+        else:
+            value = _weighted_sum(latent, logits, f, part)
+        total = value if total is None else total + value
+    return total
 
 
 def as_categorical(latent: Latent, logits: Tensor, f: Callable[[Tensor], Tensor]

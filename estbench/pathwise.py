@@ -27,6 +27,8 @@ class _HardForward(torch.autograd.Function):
     """Forward: ``hard``. Backward: ``backward(g)`` to ``logits``, for the gradient g reaching
     the sample; ``backward`` is the estimator's closed-form Jacobian-transpose."""
 
+    generate_vmap_rule = True  # forward and backward are plain tensor code: torch.func batches them
+
     @staticmethod
     def forward(hard: Tensor, logits: Tensor, backward: Callable[[Tensor], Tensor]) -> Tensor:
         return hard.clone()

@@ -52,6 +52,7 @@ class Measure:
     throughput_min_time: float = 0.2
     threads: int = 1
     time_limit_s: float = 0.0
+    memory_budget_mb: float = 0
     #: save the cell's whole state every N training steps (0: only when SIGTERM / SIGINT stops
     #: it). 1,000 bounds what a SIGKILL loses to seconds of a VAE (8-40 ms a step on two cores)
     #: while a save (33 MB, 0.06-0.08 s for the 20x10 categorical VAE) costs about 1% of them.
@@ -62,9 +63,10 @@ class Measure:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_IDENTITY}
 
 
-#: [measure] keys that never change a cell's numbers: changing them keeps the cell ids, so a run
-#: may be resumed with another time limit or checkpoint interval
-NOT_IN_IDENTITY = ("time_limit_s", "checkpoint_every")
+#: [measure] keys that never change a cell's numbers (the memory budget changes only how draws
+#: are grouped into chunks, not their distribution): changing them keeps the cell ids, so a run
+#: may be resumed with another time limit, checkpoint interval or memory budget
+NOT_IN_IDENTITY = ("time_limit_s", "checkpoint_every", "memory_budget_mb")
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,12 @@ def _parse_measure(table: Any) -> Measure:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise _type_error("[measure]", key, "a positive number", v)
             values[key] = float(v)
+    if "memory_budget_mb" in values:
+        v = values["memory_budget_mb"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise _type_error("[measure]", "memory_budget_mb",
+                              "a number of MB >= 0 (0: a quarter of the free memory)", v)
+        values["memory_budget_mb"] = float(v)
     if "throughput" in values and not isinstance(values["throughput"], bool):
         raise _type_error("[measure]", "throughput", "true or false", values["throughput"])
     if "checkpoints" in values:

@@ -1,13 +1,14 @@
 """Cost of one estimate (forward + backward), timed with ``torch.utils.benchmark``.
 
 The timer warms up, synchronises CUDA, and runs many blocks; we report the median time per
-estimate with its interquartile range, the f evaluations per estimate, and peak memory (the CUDA
-allocator's peak on GPU; the process's peak resident set on CPU).
+estimate with its interquartile range, the f evaluations per estimate, and the estimate's own peak
+memory: the most bytes it held allocated at once beyond what was allocated before it, measured on
+an untimed call (the CUDA allocator's peak, reset before the call; on CPU the high-water mark of
+the tensors it creates, see :func:`estbench.memory.peak_bytes`).
 """
 
 from __future__ import annotations
 
-import resource
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 from estbench.contracts import Estimator, Params, Task
+from estbench.memory import peak_bytes
 from estbench.metrics import MetricValue
 
 __all__ = ["measure_throughput"]
@@ -38,15 +40,8 @@ def measure_throughput(
         return estimate
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        estimate = one_estimate()  # warm-up, and the peak-memory probe
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = float(torch.cuda.max_memory_allocated(device))
-        else:
-            peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        one_estimate()  # warm-up
+        estimate, peak = peak_bytes(one_estimate, device)  # untimed: the tracker costs time
         timer = Timer(
             stmt="one_estimate()",
             globals={"one_estimate": one_estimate},
@@ -58,5 +53,5 @@ def measure_throughput(
     return [
         MetricValue("time_per_estimate_s", float(median), float(q25), float(q75)),
         MetricValue("f_evals", float(estimate.f_evals)),
-        MetricValue("peak_mem_bytes", peak),
+        MetricValue("peak_mem_bytes", float(peak)),
     ]

@@ -26,6 +26,7 @@ class Exact(Estimator):
 
     description = "exact gradient by enumerating the latent space (reference)"
     unbiased = True
+    deterministic = True
 
     max_states: int = hyper(DEFAULT_MAX_STATES, ge=1, doc="largest latent space to enumerate")
 
