@@ -15,7 +15,11 @@ output gradients: one forward and backward pass plus the m x P gradients themsel
 ``vectorisable = False``, and the reference of the other two).
 
 ``auto`` probes each method that can run on a small chunk (its peak memory for one draw, then its
-time for a few draws) and takes the fastest whose chunk fits the budget. Chunk sizes come from
+time for a few draws). It takes the first vectorised method that runs within the budget (``flat``,
+else ``batched``), and the loop instead only when the probe times the loop at least
+:data:`LOOP_SPEEDUP` times faster and the vectorised draws would take at least
+:data:`SWITCH_MIN_SECONDS`. The methods draw the same distribution but not the same bits, so
+a near-tie decided by timing noise would make a rerun differ: only a clear margin switches. Chunk sizes come from
 the measured peak (activations included), not from parameter sizes. A deterministic estimator
 (``Estimator.deterministic``) is drawn once: its m draws are that one draw repeated.
 """
@@ -267,9 +271,10 @@ def plan_draws(task: Task, estimator: Estimator, params: Params, batch: Any, num
                *, method: str = "auto", chunk_size: int | None = None,
                budget: int | None = None, per_draw_bytes: int = 0) -> DrawPlan:
     """Choose the method and chunk size of a stream of ``num_samples`` draws from measured
-    probes (the probes' random draws do not touch the ambient generator's state), once per
-    configuration in a process: later calls with the same task and estimator configurations,
-    shapes and settings reuse the plan.
+    probes (the probes' random draws do not touch the ambient generator's state). Every call
+    probes afresh: what can run depends on the estimator's state at this moment (a fresh NVIL
+    cannot run under ``vmap``), so a plan cached from another checkpoint or process would make a
+    resumed cell draw differently from one that never stopped.
 
     budget: bytes the draws may hold at once (default :func:`~estbench.memory.current_budget`);
     per_draw_bytes: what the caller keeps or spends per draw on top (stored rows, statistics).
@@ -280,26 +285,8 @@ def plan_draws(task: Task, estimator: Estimator, params: Params, batch: Any, num
         raise EstbenchError(f"gradient_samples must be >= 1, got {num_samples}")
     device = next(iter(params.values())).device
     budget = current_budget(device) if budget is None else budget
-    key = _plan_key(task, estimator, params, batch, num_samples, method, chunk_size, budget,
-                    per_draw_bytes)
-    if key not in _PLANS:
-        _PLANS[key] = _choose(task, estimator, params, batch, num_samples, method, chunk_size,
-                              budget, per_draw_bytes)
-    return _PLANS[key]
-
-
-#: plans already measured in this process (one probe per cell and configuration)
-_PLANS: dict[tuple, DrawPlan] = {}
-
-
-def _plan_key(task: Task, estimator: Estimator, params: Params, batch: Any,
-              *settings: Any) -> tuple:
-    """What a plan depends on: the configurations, shapes, device and settings."""
-    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in params.items())
-    batch_shape = tuple(batch.shape) if isinstance(batch, Tensor) else repr(batch)
-    device = str(next(iter(params.values())).device)
-    return (type(task), repr(sorted(task.params().items())), type(estimator),
-            repr(sorted(estimator.params().items())), shapes, device, batch_shape, settings)
+    return _choose(task, estimator, params, batch, num_samples, method, chunk_size, budget,
+                   per_draw_bytes)
 
 
 def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_samples: int,
@@ -325,7 +312,24 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
                         f"\"auto\"") from err
     if not plans:
         raise failures[0]
-    return min(plans, key=lambda plan: plan.seconds_per_draw if len(plans) > 1 else 0.0)
+    chosen = plans[0]
+    loop = plans[-1]
+    if (loop is not chosen and loop.method == "loop"
+            and chosen.seconds_per_draw * num_samples >= SWITCH_MIN_SECONDS
+            and loop.seconds_per_draw * LOOP_SPEEDUP <= chosen.seconds_per_draw):
+        chosen = loop
+    return chosen
+
+
+#: how much faster the probe must time the loop before ``auto`` leaves the vectorised method:
+#: a clear margin, so that timing noise never changes the method (and with it the bits) between
+#: reruns, worker counts or a resumed cell. On networks ``flat`` is at the physical limit; the
+#: loop wins by 5x where a vectorised estimate materialises much more than one draw needs
+#: (IndeCateR on ``polynomial``).
+LOOP_SPEEDUP = 3.0
+#: below this projected time for all the draws, speed does not matter and ``auto`` never leaves
+#: the vectorised method: on tiny tasks a probe of microseconds is mostly noise and warm-up
+SWITCH_MIN_SECONDS = 1.0
 
 
 def stream_draws(
