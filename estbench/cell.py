@@ -217,9 +217,11 @@ def _measure_gradients(
     for key in views:
         ref, ref_var = refs[key]
         if exact:
-            metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var, scale=scale)
+            metrics = gradient_metrics(torch.cat(stored[key]), ref, ref_var, scale=scale,
+                                       deterministic=estimator.deterministic)
         else:
-            metrics = streams[key].metrics(ref_var, scale=scale)
+            metrics = streams[key].metrics(ref_var, scale=scale,
+                                           deterministic=estimator.deterministic)
         values += _prefixed(key, metrics)
     if reference_var is not None:
         values.append(MetricValue("grad_ref_se_norm", float(reference_var.sum().sqrt())))
