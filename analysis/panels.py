@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from analysis.stats import aggregate, bootstrap_ci, curves
+from analysis.stats import aggregate, bootstrap_ci, curves, profile_fractions
 from analysis.tidy import CONFIG, select
 from estbench.errors import EstbenchError
 from estbench.registry import ESTIMATORS
@@ -183,7 +183,8 @@ def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
     """Performance profile (Dolan & More 2002; rliable, Agarwal et al. 2021, arXiv 2108.13264):
     per configuration (run label, estimator label), the fraction of its runs (tasks x seeds)
     whose per-task normalised score ``(x - best) / (worst - best)`` is at most ``tau`` (lower
-    metric is better), with a bootstrap band that resamples seeds within each task.
+    metric is better), with a percentile-bootstrap band that resamples seeds within each task
+    (:func:`analysis.stats.profile_fractions`). For one task's profile, pass that task's rows.
 
     Returns ``run_label, estimator_label, estimator, tau, fraction, lo, hi``; empty when no task
     has two or more seeds.
@@ -199,14 +200,10 @@ def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
     out = []
     for (run, est), group in scored.groupby(["run_label", "estimator_label"], sort=True):
         strata = [g["score"].to_numpy() for _, g in group.groupby("task_label")]
-        point = np.mean(np.concatenate(strata)[:, None] <= grid, axis=0)
-        boots = np.stack([
-            np.mean(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata])[:, None]
-                    <= grid, axis=0)
-            for _ in range(n_boot)])
-        low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        fraction, low, high = profile_fractions(strata, grid, level=level, n_boot=n_boot,
+                                                random_state=rng)
         out.append(pd.DataFrame({"run_label": run, "estimator_label": est, "tau": grid,
-                                 "fraction": point, "lo": low, "hi": high}))
+                                 "fraction": fraction, "lo": low, "hi": high}))
     return _with_estimator(pd.concat(out, ignore_index=True), results)[columns]
 
 

@@ -45,7 +45,7 @@ __all__ = [
     "probability_of_improvement",
     "pairwise_improvement",
     "rank_estimators",
-    "performance_profile",
+    "profile_fractions",
 ]
 
 #: below this many seeds the mean gets a t interval instead of a bootstrap
@@ -344,37 +344,40 @@ def rank_estimators(results: pd.DataFrame, metric: str, *, phase: str | None = N
     return ranking.reset_index(drop=True), pairwise
 
 
-def _profile_band(hits: np.ndarray, level: float, n_boot: int, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile-bootstrap band over seeds of the fraction of hits ``[seeds, taus]``."""
-    if hits.shape[0] < 2:
-        nan = np.full(hits.shape[1], np.nan)
-        return nan, nan
-    return _scipy_bootstrap((hits,), STATISTICS["mean"], level, n_boot, rng, "percentile")
+def _fraction_at_most(taus: np.ndarray, fixed: np.ndarray) -> Callable[..., np.ndarray]:
+    """The statistic: the fraction of the pooled strata (along ``axis``) and of the ``fixed``
+    values at most each tau, with taus on the first axis (scipy's layout for a vector
+    statistic)."""
+    def fraction(*strata: np.ndarray, axis: int = -1) -> np.ndarray:
+        moved = [np.moveaxis(s, axis, -1) for s in strata]
+        batch = moved[0].shape[:-1] if moved else ()
+        pooled = np.concatenate([*moved, np.broadcast_to(fixed, (*batch, fixed.size))], axis=-1)
+        return np.moveaxis(np.mean(pooled[..., :, None] <= taus, axis=-2), -1, 0)
+    return fraction
 
 
-def performance_profile(results: pd.DataFrame, metric: str, *, phase: str | None = None,
-                        step: str | int | None = "last", taus: Sequence[float] | None = None,
-                        lower_is_better: bool = True, level: float = 0.95, n_boot: int = 2000,
-                        random_state: int = 0) -> pd.DataFrame:
-    """rliable's performance profile per task: for each threshold tau, the fraction of a
-    configuration's runs (seeds) that reach it (value <= tau when lower is better, >= tau
-    otherwise), with a percentile-bootstrap band over seeds (Agarwal et al. 2021, arXiv
-    2108.13264). ``taus`` default: 50 points spanning the task's values.
+def profile_fractions(strata: Sequence[Sequence[float]], taus: Sequence[float], *,
+                      level: float = 0.95, n_boot: int = 2000,
+                      random_state: int | np.random.Generator = 0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One configuration's performance profile (Dolan & More 2002; rliable, Agarwal et al.
+    2021, arXiv 2108.13264): for each ``tau``, the fraction of its runs, pooled over
+    ``strata`` (one array of scores per task, one score per seed), with a score at most tau,
+    and a stratified percentile-bootstrap band (each stratum resampled within itself, by
+    :func:`scipy.stats.bootstrap`). Lower scores are better.
 
-    Returns ``task_label, estimator_label, tau, fraction, ci_low, ci_high, seeds``.
+    Returns ``(fraction, low, high)``, each of shape ``[taus]``; a stratum of one run is held
+    fixed, and the band is NaN when every stratum has one run.
     """
-    columns = ["task_label", "estimator_label", "tau", "fraction", "ci_low", "ci_high", "seeds"]
+    strata = [np.asarray(s, dtype=float) for s in strata]
+    grid = np.asarray(taus, dtype=float)
+    varying = tuple(s for s in strata if s.size > 1)
+    single = [s for s in strata if s.size == 1]  # a resample of one run is that run
+    statistic = _fraction_at_most(grid, np.concatenate(single) if single else np.empty(0))
+    fraction = statistic(*varying)
+    if not varying:
+        nan = np.full(grid.size, np.nan)
+        return fraction, nan, nan
     rng = np.random.default_rng(random_state)
-    out = []
-    for task, values in _per_task_values(results, metric, phase, step, 1.0).items():
-        pooled = np.concatenate(list(values.values()))
-        grid = (np.linspace(pooled.min(), pooled.max(), 50) if taus is None
-                else np.asarray(taus, dtype=float))
-        for est, x in values.items():
-            hits = x[:, None] <= grid if lower_is_better else x[:, None] >= grid
-            low, high = _profile_band(hits.astype(float), level, n_boot, rng)
-            out.append(pd.DataFrame({"task_label": task, "estimator_label": est, "tau": grid,
-                                     "fraction": hits.mean(0), "ci_low": low, "ci_high": high,
-                                     "seeds": x.size}))
-    return pd.concat(out, ignore_index=True)[columns] if out else pd.DataFrame(columns=columns)
+    low, high = _scipy_bootstrap(varying, statistic, level, n_boot, rng, "percentile")
+    return fraction, np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)

@@ -14,8 +14,8 @@ from analysis.stats import (
     few_seeds_warning,
     interquartile_mean,
     interval,
-    performance_profile,
     probability_of_improvement,
+    profile_fractions,
     rank_estimators,
 )
 from analysis.summary import format_summary, summary_table
@@ -134,19 +134,23 @@ def test_pairwise_table_has_intervals_and_seed_counts():
     assert ab["interval"] == "percentile" and ab["seeds"] == ab["other_seeds"] == 5
 
 
-def test_performance_profile_counts_runs_reaching_each_threshold():
-    frame = _frame({"a": [1.0, 2.0, 3.0, 4.0], "b": [2.5, 2.5, 2.5, 2.5]})
-    profile = performance_profile(frame, "loss_exact", phase="train", taus=[0.5, 2.5, 4.0],
-                                  n_boot=500)
-    a = profile[profile["estimator_label"] == "a"]
-    assert list(a["fraction"]) == [0.0, 0.5, 1.0]
-    assert (a["ci_low"] <= a["fraction"]).all() and (a["fraction"] <= a["ci_high"]).all()
-    assert a["ci_low"].iloc[1] < 0.5 < a["ci_high"].iloc[1]
-    b = profile[profile["estimator_label"] == "b"]
-    assert list(b["fraction"]) == [0.0, 1.0, 1.0] and (b["seeds"] == 4).all()
-    higher = performance_profile(frame, "loss_exact", phase="train", taus=[2.5],
-                                 lower_is_better=False)
-    assert list(higher["fraction"]) == [0.5, 1.0]
+def test_profile_fractions_count_runs_reaching_each_threshold():
+    fraction, low, high = profile_fractions([[1.0, 2.0, 3.0, 4.0]], [0.5, 2.5, 4.0], n_boot=500)
+    assert list(fraction) == [0.0, 0.5, 1.0]
+    assert (low <= fraction).all() and (fraction <= high).all()
+    assert low[1] < 0.5 < high[1]
+    assert low[0] == high[0] == 0.0 and low[2] == high[2] == 1.0  # every resample agrees
+
+
+def test_profile_fractions_resample_within_strata():
+    # each stratum (task) keeps its size in every resample: a stratum whose runs all reach tau
+    # holds the pooled fraction at or above its share, and one run alone is held fixed
+    fraction, low, high = profile_fractions([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0]],
+                                            [0.5], n_boot=500)
+    assert fraction[0] == pytest.approx(5 / 8)
+    assert low[0] >= 4 / 8 and high[0] < 1.0
+    _, single_low, single_high = profile_fractions([[0.3], [0.7]], [0.5])
+    assert np.isnan(single_low).all() and np.isnan(single_high).all()
 
 
 def test_holm_and_fisher_combinations():
