@@ -26,7 +26,9 @@ from matplotlib.figure import Figure
 from analysis import figures, panels
 from analysis.stats import rank_estimators
 from analysis.styles import config_styles
-from analysis.summary import SUMMARY_METRICS, format_summary, summary_table
+from analysis.bias import VERDICT_LEGEND
+from analysis.summary import (SUMMARY_METRICS, format_summary, interval_caption, summary_table,
+                              without_uniform_columns)
 from analysis.tidy import KEYS, add_labels, filter_results, run_labels
 from estbench.errors import EstbenchError
 from estbench.store import atomic_write_text, load_results, read_json
@@ -199,6 +201,26 @@ def _deltas(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
     return wide[order].reset_index().rename_axis(columns=None)
 
 
+NEXT_TITLE = "P(beats next) [95%]"
+
+
+def _beats_next(ranking: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
+    """Per row of one task's ranking, the probability that a run of it beats a run of the
+    configuration ranked just below, with its interval ('–' for the last)."""
+    pairs = pairs.set_index(["estimator", "other"])
+    names = list(ranking["estimator_label"])
+    out = []
+    for name, below in zip(names, names[1:] + [None]):
+        if below is None or (name, below) not in pairs.index:
+            out.append("–")
+            continue
+        row = pairs.loc[(name, below)]
+        interval = ("" if not np.isfinite(row["ci_low"])
+                    else f" [{row['ci_low']:.2g}, {row['ci_high']:.2g}]")
+        out.append(f"{row['p_better']:.2g}{interval}")
+    return out
+
+
 def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.DataFrame]]:
     """What :func:`analysis.stats.rank_estimators` returns, each task ranked by its own headline
     metric (:func:`_headline_metric`, named in the column ``ranked by``), as a list of frames.
@@ -213,7 +235,9 @@ def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.Data
         if rows[rows["metric"] == metric].empty:
             continue
         ranking, pairs = rank_estimators(rows, metric, phase=phase, step="last")
-        rankings.append(ranking.assign(**{"ranked by": f"final {metric}"}))
+        ranking = ranking.assign(**{NEXT_TITLE: _beats_next(ranking, pairs),
+                                    "ranked by": f"final {metric}"})
+        rankings.append(ranking)
         pairwise.append(pairs.assign(**{"ranked by": f"final {metric}"}))
         used.append(metric)
     if not rankings:
@@ -332,17 +356,17 @@ def _output_dir(runs: list[Run], out_dir: str | Path | None) -> Path:
 def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFrame,
           deltas: pd.DataFrame, ranking: tuple[str, list[pd.DataFrame]],
           problems: pd.DataFrame, embedded: dict[str, str], filters: str) -> str:
-    seeds = results.groupby(["run_label", *KEYS])["seed"].nunique() if len(results) else []
     parts = [f"<h1>estbench report: {html.escape(title)}</h1>",
              f"<p class='muted'>{results.groupby(['run_label', 'cell']).ngroups} finished cells"
-             f"{html.escape(filters)}; values are the mean over seeds "
-             f"({min(seeds, default=0)}–{max(seeds, default=0)} seeds per configuration) "
-             f"with 95% intervals over seeds; with fewer than 5 seeds an interval is a rough "
-             f"guide only.</p>"]
+             f"{html.escape(filters)}.</p>"]
     parts.append("<h2>Summary per task</h2>")
-    for task, rows in summary.groupby("task_label", sort=True):
+    parts.append(f"<p class='muted'>{html.escape(interval_caption(summary))}.</p>")
+    shown = without_uniform_columns(summary)
+    for task, rows in shown.groupby("task_label", sort=True):
         parts.append(f"<h3>{html.escape(str(task))}</h3>")
         parts.append(_render(rows.drop(columns=["task_label"])))
+    if "bias note" in shown:
+        parts.append(f"<p class='muted'>{html.escape(VERDICT_LEGEND)}</p>")
     if not deltas.empty:
         parts.append(f"<h2>Differences from run {html.escape(runs[0].label)}</h2>"
                      "<p class='muted'>other run minus the first, per metric: mean over the "
@@ -356,11 +380,17 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
         parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>"
                      "<p class='muted'>Each task is ranked by its own headline metric (column "
                      "<i>ranked by</i>): the exact loss where the task has one, the test -ELBO "
-                     "on VAEs, else the loss at hard samples; lower is better. Configurations "
-                     "whose intervals overlap the group leader's share its rank.</p>")
+                     "on VAEs, else the loss at hard samples; lower is better. mean, ci_low, "
+                     "ci_high: the mean over seeds and its 95% interval (method: column "
+                     "<i>interval</i>). Configurations whose intervals overlap the group "
+                     "leader's share its rank (<i>tied</i>). <i>P(beats next)</i>: the "
+                     "probability that a run (seed) of this configuration has a lower value "
+                     "than a run of the one ranked below it (ties count half; 0.5 = no "
+                     "difference), with a 95% bootstrap interval over the seeds of both.</p>")
         parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
-            parts.append(f"<details><summary>{', '.join(map(html.escape, frame.columns))} "
+            parts.append(f"<details><summary>Every pair: P(a run of <i>estimator</i> beats a "
+                         f"run of <i>other</i>), 95% interval over the seeds of both "
                          f"({len(frame)} rows)</summary>{_render(frame)}</details>")
     parts.append("<h2>Figures</h2>")
     for stem, data in embedded.items():
@@ -386,10 +416,12 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
 
 def _markdown(title: str, summary: pd.DataFrame, deltas: pd.DataFrame,
               problems: pd.DataFrame) -> str:
-    md = [f"# estbench report: {title}", "",
-          "Mean over seeds with 95% intervals over seeds.", ""]
-    for task, rows in summary.groupby("task_label", sort=True):
+    md = [f"# estbench report: {title}", "", interval_caption(summary) + ".", ""]
+    shown = without_uniform_columns(summary)
+    for task, rows in shown.groupby("task_label", sort=True):
         md += [f"## {task}", "", _markdown_table(rows.drop(columns=["task_label"])), ""]
+    if "bias note" in shown:
+        md += [VERDICT_LEGEND, ""]
     if not deltas.empty:
         md += ["## Differences from the first run (paired by seed, 95% interval)", "",
                _markdown_table(deltas), ""]

@@ -18,7 +18,12 @@ from analysis.stats import (
     profile_fractions,
     rank_estimators,
 )
-from analysis.summary import format_summary, summary_table
+from analysis.summary import (
+    format_summary,
+    interval_caption,
+    summary_table,
+    without_uniform_columns,
+)
 
 
 def test_interquartile_mean_trims_a_quarter_from_each_end():
@@ -221,9 +226,9 @@ def test_summary_reads_eval_phase_and_old_train_phase_and_reports_bias():
                                          ("gradient", 0, "grad_bias_pvalue", 1e-9),
                                          ("gradient", 0, "grad_bias_sq", 0.25)])
     table = summary_table(pd.DataFrame(rows)).set_index("estimator_label")
-    assert table.loc["new", "final loss_exact"] == pytest.approx(0.21)
-    assert table.loc["old", "final loss_exact"] == pytest.approx(0.4)
-    assert table.loc["new", "final loss"] == pytest.approx(0.3)  # never loss_estimator
+    assert table.loc["new", "final exact loss"] == pytest.approx(0.21)
+    assert table.loc["old", "final exact loss"] == pytest.approx(0.4)
+    assert table.loc["new", "final loss at hard z"] == pytest.approx(0.3)  # never loss_estimator
     assert not table.loc["new", "bias detected"] and table.loc["old", "bias detected"]
     assert table.loc["old", "bias norm @0"] == pytest.approx(0.5)
     assert table.loc["new", "interval"] == "t" and "3 seeds" in table.loc["new", "note"]
@@ -243,3 +248,30 @@ def test_vae_summary_leads_with_test_bounds_and_their_sample_count():
     assert list(shown.columns[:6]) == ["task_label", "estimator_label", "seeds", "m",
                                        "test -ELBO", "test -IWAE"]
     assert shown["m"].iloc[0] == "100" and shown["test -ELBO"].iloc[0].startswith("100")
+
+
+def test_verdict_note_only_where_the_verdict_and_the_contract_disagree():
+    from analysis.bias import verdict_note
+
+    assert verdict_note("reinmax", False, 0.0042) == (
+        "declared biased; below resolution (≤ 0.0042); exact for quadratic f")
+    assert verdict_note("gst", False, np.nan) == "declared biased; below resolution"
+    assert verdict_note("rloo", True, 0.1) == "declared unbiased: suspect the t test"
+    assert verdict_note("rloo", False, 0.1) == verdict_note("gst", True, 0.1) == ""
+    assert verdict_note("not-registered", True, 0.1) == ""
+
+
+def test_summary_states_methods_once_and_notes_undetected_declared_bias():
+    rows = []
+    for seed in range(3):
+        for name, p in (("reinmax", 0.5), ("rloo", 0.4)):
+            rows += _cell_rows(name, seed, [("train", 10, "loss", 0.3 + 0.01 * seed),
+                                            ("gradient", 0, "grad_bias_pvalue", p),
+                                            ("gradient", 0, "grad_bias_sq", -1e-4)])
+    shown = format_summary(summary_table(pd.DataFrame(rows)))
+    notes = dict(zip(shown["estimator_label"], shown["bias note"]))
+    assert notes["reinmax"].startswith("declared biased; below resolution") and not notes["rloo"]
+    caption = interval_caption(shown)
+    assert "3 seeds" in caption and "Student t" in caption and "rough" in caption
+    assert {"interval", "note"}.isdisjoint(without_uniform_columns(shown).columns)
+    assert "interval" in without_uniform_columns(shown.assign(interval=["t", "bca"]))
