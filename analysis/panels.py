@@ -37,7 +37,8 @@ def _with_estimator(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def variance_curve(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """``grad_var_total`` at every checkpoint, mean over seeds with bootstrap intervals."""
+    """``grad_var_total`` at every checkpoint, mean over seeds with its interval
+    (:func:`analysis.stats.curves`; the ``interval`` column names the method)."""
     table = curves(results, "grad_var_total", phase="gradient", by=CONFIG,
                    random_state=random_state)
     return _with_estimator(table, results)
@@ -127,7 +128,8 @@ def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFr
 
 def equal_cost_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
     """Variance at equal cost at the first checkpoint: ``grad_var_total`` times the cost of one
-    estimate, per cell, then the mean over seeds with a bootstrap interval. Averaging n
+    estimate, per cell, then the mean over seeds with its interval
+    (:func:`analysis.stats.interval`). Averaging n
     estimates divides the variance by n, so variance x cost is the variance a unit budget buys.
     ``cost`` is 'f evaluations' (``f_evals``) or 'time per estimate (s)'."""
     columns = [*CONFIG, "estimator", "cost", "value", "ci_low", "ci_high"]
@@ -221,9 +223,10 @@ def run_deltas(results: pd.DataFrame, baseline: str, metrics, random_state: int 
                ) -> pd.DataFrame:
     """Per-metric differences of every run from ``baseline`` (a run label), per task and
     estimator configuration present in both: seeds are paired (the same seed in both runs), the
-    delta is the mean over common seeds of ``other - baseline`` with a bootstrap interval
-    (:func:`analysis.stats.bootstrap_ci`). ``metrics`` holds rows that start with
-    ``(title, phase or phases, metric, step)``, as the summary table's do.
+    delta is the mean over common seeds of ``other - baseline`` with its interval
+    (:func:`analysis.stats.bootstrap_ci`: Student t below 10 seeds, BCa from 10). ``metrics``
+    holds rows that start with ``(title, phase or phases, metric, step)``, as the summary
+    table's do.
 
     Returns ``run_label, task_label, estimator_label, metric, baseline, value, delta, ci_low,
     ci_high, seeds``.

@@ -154,7 +154,8 @@ def _interval(values: Sequence[float], statistic: str, level: float, n_boot: int
 def bootstrap_ci(values: Sequence[float], statistic: str = "mean", level: float = 0.95,
                  n_boot: int = 2000, random_state: int | np.random.Generator = 0
                  ) -> tuple[float, float, float]:
-    """(point estimate, low, high) of :func:`interval` (kept for callers that want a tuple)."""
+    """(point estimate, low, high) of :func:`interval` (kept for callers that want a tuple):
+    despite the name, a Student t interval for the mean of fewer than 10 seeds."""
     return tuple(interval(values, statistic, level, n_boot, random_state)[:3])
 
 
@@ -199,7 +200,8 @@ def curves(results: pd.DataFrame, metric: str, *, phase: str, by: Sequence[str] 
            statistic: str = "mean", level: float = 0.95, n_boot: int = 1000,
            random_state: int = 0, bounds: tuple[float, float] | None = None) -> pd.DataFrame:
     """A metric along training: per configuration and step, the statistic over seeds with its
-    interval (``bounds``: see :func:`interval`), plus ``wall_time_s`` (mean over seeds) where the run recorded it.
+    interval (``bounds``: see :func:`interval`), plus ``wall_time_s`` (mean over seeds) where
+    the run recorded it.
 
     Returns ``*by, step, wall_time_s, value, ci_low, ci_high, interval, seeds, warning``.
     """
