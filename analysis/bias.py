@@ -49,6 +49,9 @@ UNDETECTED_BIAS = {
 #: the explanation of :func:`verdict_note`'s short notes, stated once under a table
 VERDICT_LEGEND = (
     "bias note: where the verdict disagrees with the estimator's declared contract. "
+    "'max-|t| test not significant, but bias norm @0 > 0': the detection test, one coordinate "
+    "at a time with a Bonferroni correction over every parameter, lacks the power of the "
+    "bias-norm estimate, which pools every coordinate and whose interval excludes 0. "
     "'below resolution': the bias is smaller than the run's M gradient draws per checkpoint can "
     "detect (its 95% upper limit at step 0 given); ReinMax's correction is exact when f is "
     "quadratic in z (bernoulli-toy; polynomial at power 2); NVIL is biased only by the positive "
@@ -69,14 +72,18 @@ def declared_unbiased(estimator: str) -> bool | None:
         return None
 
 
-def verdict_note(estimator: str, detected: bool | None, bias_high: float) -> str:
+def verdict_note(estimator: str, detected: bool | None, bias_low: float,
+                 bias_high: float) -> str:
     """A short note where the verdict and the estimator's contract disagree (explained by
-    :data:`VERDICT_LEGEND`): a declared-biased estimator not detected, with the upper limit of
-    its bias norm and the known reason, or a declared-unbiased one detected; '' otherwise."""
+    :data:`VERDICT_LEGEND`), given the interval of the bias norm at step 0: a declared-biased
+    estimator not detected (its size resolved after all, or below resolution with its upper
+    limit and the known reason), a declared-unbiased one detected; '' otherwise."""
     unbiased = declared_unbiased(estimator)
     if unbiased is None or detected is None:
         return ""
     if not unbiased and not detected:
+        if bias_low > 0:
+            return "declared biased; max-|t| test not significant, but bias norm @0 > 0"
         limit = f" (≤ {bias_high:.2g})" if np.isfinite(bias_high) else ""
         reason = UNDETECTED_BIAS.get(estimator)
         return f"declared biased; below resolution{limit}" + (f"; {reason}" if reason else "")

@@ -192,7 +192,8 @@ def _deltas(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     table = table.assign(text=[
-        f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]" + ("" if n > 1 else " (1 seed)")
+        (_fmt(d) if d == lo == hi else f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
+        + ("" if n > 1 else " (1 seed)")
         for d, lo, hi, n in zip(table["delta"], table["ci_low"], table["ci_high"],
                                 table["seeds"])])
     order = [t for t, *_ in SUMMARY_METRICS if t in set(table["metric"])]

@@ -120,9 +120,10 @@ def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 
     out["m"] = _eval_samples(labelled).reindex(out.index)
     if DETECTED_TITLE in out:
         names = labelled.groupby(KEYS)["estimator"].first().reindex(out.index)
-        out[NOTE_TITLE] = [verdict_note(name, None if pd.isna(d) else bool(d), hi)
-                           for name, d, hi in zip(names, out[DETECTED_TITLE],
-                                                  out[f"{BIAS_TITLE} hi"])]
+        out[NOTE_TITLE] = [verdict_note(name, None if pd.isna(d) else bool(d), lo, hi)
+                           for name, d, lo, hi in zip(names, out[DETECTED_TITLE],
+                                                      out[f"{BIAS_TITLE} lo"],
+                                                      out[f"{BIAS_TITLE} hi"])]
     return out.reset_index().sort_values(KEYS, kind="stable").reset_index(drop=True)
 
 
@@ -142,10 +143,14 @@ def _fmt(value: float) -> str:
 
 
 def _with_interval(value: float, low: float, high: float) -> str:
-    """``value [low, high]``; the value alone where there is no interval or it is a point."""
-    if np.isnan(low) or np.isnan(high) or _fmt(low) == _fmt(high) == _fmt(value):
+    """``value [low, high]``, with more digits where 3 would print a narrow interval as a point;
+    the value alone where there is no interval or it is one (every seed agrees)."""
+    if np.isnan(low) or np.isnan(high) or low == high == value:
         return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+    digits = 3
+    while digits < 7 and f"{low:.{digits}g}" == f"{high:.{digits}g}":
+        digits += 1
+    return f"{value:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
 
 
 def _detected(value, pvalue: float) -> str:

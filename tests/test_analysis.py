@@ -253,12 +253,13 @@ def test_vae_summary_leads_with_test_bounds_and_their_sample_count():
 def test_verdict_note_only_where_the_verdict_and_the_contract_disagree():
     from analysis.bias import verdict_note
 
-    assert verdict_note("reinmax", False, 0.0042) == (
+    assert verdict_note("reinmax", False, 0.0, 0.0042) == (
         "declared biased; below resolution (≤ 0.0042); exact for quadratic f")
-    assert verdict_note("gst", False, np.nan) == "declared biased; below resolution"
-    assert verdict_note("rloo", True, 0.1) == "declared unbiased: suspect the t test"
-    assert verdict_note("rloo", False, 0.1) == verdict_note("gst", True, 0.1) == ""
-    assert verdict_note("not-registered", True, 0.1) == ""
+    assert verdict_note("gst", False, 0.0, np.nan) == "declared biased; below resolution"
+    assert "bias norm @0 > 0" in verdict_note("gumbel-softmax", False, 0.9, 1.2)
+    assert verdict_note("rloo", True, 0.0, 0.1) == "declared unbiased: suspect the t test"
+    assert verdict_note("rloo", False, 0.0, 0.1) == verdict_note("gst", True, 0.0, 0.1) == ""
+    assert verdict_note("not-registered", True, 0.0, 0.1) == ""
 
 
 def test_summary_states_methods_once_and_notes_undetected_declared_bias():
@@ -275,3 +276,12 @@ def test_summary_states_methods_once_and_notes_undetected_declared_bias():
     assert "3 seeds" in caption and "Student t" in caption and "rough" in caption
     assert {"interval", "note"}.isdisjoint(without_uniform_columns(shown).columns)
     assert "interval" in without_uniform_columns(shown.assign(interval=["t", "bca"]))
+
+
+def test_a_narrow_interval_gets_digits_and_only_a_point_prints_alone():
+    from analysis.summary import _with_interval
+
+    assert _with_interval(198.1, 197.9, 198.3) == "198.1 [197.9, 198.3]"
+    assert _with_interval(0.25, 0.25, 0.25) == "0.25"
+    assert _with_interval(0.25, np.nan, np.nan) == "0.25"
+    assert _with_interval(0.2, 0.1, 0.3) == "0.2 [0.1, 0.3]"
