@@ -210,7 +210,7 @@ def interval_caption(formatted: pd.DataFrame) -> str:
     rough = (f"; with fewer than {FEW_SEEDS} seeds an interval is rough"
              if seeds.min() < FEW_SEEDS else "")
     return (f"value [95% interval over seeds]: mean over {counts} seeds per configuration, "
-            f"interval by {named}{rough}; a value alone is exact across seeds; @0 = at the "
+            f"interval by {named}{rough}; a value alone: every seed gave that value; @0 = at the "
             f"initial parameters")
 
 
