@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from analysis.bias import bias_tests
 from analysis.stats import aggregate, bootstrap_ci, curves, profile_fractions
 from analysis.tidy import CONFIG, select
 from estbench.errors import EstbenchError
@@ -60,15 +61,27 @@ def _mean_ci(results: pd.DataFrame, metric: str, by: list[str], step, random_sta
     return table.set_index(by)[["value", "ci_low", "ci_high"]]
 
 
+def _bias_size(results: pd.DataFrame, by: list[str], step) -> pd.DataFrame:
+    """The bias norm per ``by`` at one checkpoint (``step``: an int or 'first'), combined over
+    seeds as :func:`analysis.bias.bias_tests` does (the mean of the unclipped squared norms,
+    then one root of it and of its interval limits), never a mean of clipped per-seed norms,
+    which is positive for every unbiased estimator."""
+    sizes = bias_tests(results, step=step, by=by)
+    return sizes.set_index(by)[["bias_norm", "ci_low", "ci_high"]]
+
+
 def bias_variance_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """Bias norm and total variance at every checkpoint (``step``), per configuration."""
+    """Bias norm (:func:`_bias_size`) and total variance at every checkpoint (``step``), per
+    configuration."""
     columns = [*CONFIG, "estimator", "step", "variance", "variance_lo", "variance_hi", "bias",
                "bias_lo", "bias_hi"]
-    if select(results, "grad_bias_norm", "gradient").empty:
+    if select(results, "grad_bias_sq", "gradient").empty:
         return pd.DataFrame(columns=columns)
     by = [*CONFIG, "step"]
     var = _mean_ci(results, "grad_var_total", by, None, random_state)
-    bias = _mean_ci(results, "grad_bias_norm", by, None, random_state)
+    steps = sorted(select(results, "grad_bias_sq", "gradient")["step"].unique())
+    bias = pd.concat([_bias_size(results, CONFIG, int(step)).assign(step=step)
+                      .set_index("step", append=True) for step in steps])
     var.columns = ["variance", "variance_lo", "variance_hi"]
     bias.columns = ["bias", "bias_lo", "bias_hi"]
     table = var.join(bias, how="inner").reset_index()
@@ -97,8 +110,8 @@ def _without_temperature(label: str, estimator: str) -> str:
 
 
 def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """Bias and variance at the first checkpoint against temperature, for every estimator run
-    at two or more temperatures. A configuration at the default temperature gets that default
+    """Bias (:func:`_bias_size`) and variance at the first checkpoint against temperature, for
+    every estimator run at two or more temperatures. A configuration at the default temperature gets that default
     (read from the registered estimator). ``line`` is the configuration without its
     temperature."""
     columns = [*CONFIG, "estimator", "line", "temperature", "metric", "value", "ci_low",
@@ -117,10 +130,11 @@ def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFr
     if rows.empty:
         return pd.DataFrame(columns=columns)
     by = [*CONFIG, "line", "temperature"]
-    out = []
-    for metric, name in (("grad_bias_norm", "bias"), ("grad_var_total", "variance")):
-        table = _mean_ci(rows, metric, by, "first", random_state).reset_index()
-        out.append(table.assign(metric=name))
+    bias = _bias_size(rows, by, "first")
+    bias.columns = ["value", "ci_low", "ci_high"]
+    out = [bias.reset_index().assign(metric="bias"),
+           _mean_ci(rows, "grad_var_total", by, "first", random_state).reset_index()
+           .assign(metric="variance")]
     table = _with_estimator(pd.concat(out, ignore_index=True), results)
     counts = table.groupby(["run_label", "task_label", "line"])["temperature"].transform("nunique")
     return table[counts > 1][columns].reset_index(drop=True)

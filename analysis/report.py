@@ -108,7 +108,8 @@ def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
     bv = panels.bias_variance_table(results)
     if not bv.empty:
         out["bias_variance"] = figures.plot_bias_variance(
-            bv, styles=styles, title="Bias against variance at every checkpoint (95% intervals)")
+            bv, styles=styles, title="Bias (combined over seeds) against variance at every "
+                                     "checkpoint (95% intervals)")
     cost = panels.equal_cost_table(results)
     if not cost.empty:
         out["variance_at_equal_cost"] = figures.plot_equal_cost(
