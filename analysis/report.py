@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import figures, panels
-from analysis.stats import rank_estimators
+from analysis.stats import FEW_SEEDS, rank_estimators
 from analysis.styles import config_styles
 from analysis.bias import VERDICT_LEGEND
 from analysis.summary import (SUMMARY_METRICS, format_summary, interval_caption, summary_table,
@@ -217,8 +217,8 @@ def _beats_next(ranking: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
             out.append("–")
             continue
         row = pairs.loc[(name, below)]
-        interval = ("" if not np.isfinite(row["ci_low"])
-                    else f" [{row['ci_low']:.2g}, {row['ci_high']:.2g}]")
+        interval = (f" [{row['ci_low']:.2g}, {row['ci_high']:.2g}]"
+                    if np.isfinite(row["ci_low"]) else " (too few seeds for an interval)")
         out.append(f"{row['p_better']:.2g}{interval}")
     return out
 
@@ -388,7 +388,9 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
                      "leader's share its rank (<i>tied</i>). <i>P(beats next)</i>: the "
                      "probability that a run (seed) of this configuration has a lower value "
                      "than a run of the one ranked below it (ties count half; 0.5 = no "
-                     "difference), with a 95% bootstrap interval over the seeds of both.</p>")
+                     "difference), with a 95% bootstrap interval over the seeds of both (from "
+                     f"{FEW_SEEDS} seeds each: with fewer, every resample can agree and the "
+                     "interval would claim certainty).</p>")
         parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
             parts.append(f"<details><summary>Every pair: P(a run of <i>estimator</i> beats a "

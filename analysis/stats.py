@@ -239,9 +239,11 @@ def probability_of_improvement(x: Sequence[float], y: Sequence[float]) -> float:
 
 def _improvement_interval(x: np.ndarray, y: np.ndarray, level: float, n_boot: int,
                           rng: np.random.Generator) -> tuple[float, float, str]:
-    """Interval of P(X < Y), each sample resampled on its own (BCa from BCA_MIN_SEEDS each)."""
+    """Interval of P(X < Y), each sample resampled on its own (BCa from BCA_MIN_SEEDS each).
+    None below FEW_SEEDS seeds on either side: with n x m pairs that all agree every resample
+    agrees too, and the bootstrap would print [1, 1] for two seeds each."""
     point = probability_of_improvement(x, y)
-    if x.size < 2 or y.size < 2:
+    if min(x.size, y.size) < FEW_SEEDS:
         return np.nan, np.nan, "none"
     bca = min(x.size, y.size) >= BCA_MIN_SEEDS and 0 < point < 1
     return _bootstrap((x, y), _improvement, level, n_boot, rng, bca)
@@ -266,7 +268,8 @@ def pairwise_improvement(results: pd.DataFrame, metric: str, *, phase: str | Non
                          level: float = 0.95, n_boot: int = 2000, random_state: int = 0
                          ) -> pd.DataFrame:
     """For every ordered pair of configurations of a task, the probability that a run of the
-    first beats a run of the second, with a bootstrap interval over the seeds of both.
+    first beats a run of the second, with a bootstrap interval over the seeds of both (none
+    below ``FEW_SEEDS`` seeds on either side).
 
     Returns ``task_label, estimator, other, p_better, ci_low, ci_high, interval, seeds,
     other_seeds``.
