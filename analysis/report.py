@@ -69,6 +69,12 @@ CURVE_LABELS = {
     "loss": "cost f at hard samples",
     "loss_estimator": "cost the estimator evaluated",
     "grad_var_ema": "gradient variance along training (EMA)",
+    "test_neg_elbo": "test -ELBO (mean over m samples)",
+    "test_neg_iwae": "test -IWAE (m samples)",
+    "test_neg_elbo_1": "test -ELBO (one sample)",
+    "train_neg_elbo": "train -ELBO (mean over m samples)",
+    "train_neg_iwae": "train -IWAE (m samples)",
+    "train_neg_elbo_1": "train -ELBO (one sample)",
 }
 
 
