@@ -214,7 +214,8 @@ NEXT_TITLE = "P(beats next) [95%]"
 
 def _beats_next(ranking: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
     """Per row of one task's ranking, the probability that a run of it beats a run of the
-    configuration ranked just below, with its interval ('–' for the last)."""
+    configuration ranked just below, with its interval where there are enough seeds ('–' for
+    the last)."""
     pairs = pairs.set_index(["estimator", "other"])
     names = list(ranking["estimator_label"])
     out = []
@@ -224,7 +225,7 @@ def _beats_next(ranking: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
             continue
         row = pairs.loc[(name, below)]
         interval = (f" [{row['ci_low']:.2g}, {row['ci_high']:.2g}]"
-                    if np.isfinite(row["ci_low"]) else " (too few seeds for an interval)")
+                    if np.isfinite(row["ci_low"]) else "")
         out.append(f"{row['p_better']:.2g}{interval}")
     return out
 
@@ -394,9 +395,9 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
                      "leader's share its rank (<i>tied</i>). <i>P(beats next)</i>: the "
                      "probability that a run (seed) of this configuration has a lower value "
                      "than a run of the one ranked below it (ties count half; 0.5 = no "
-                     "difference), with a 95% bootstrap interval over the seeds of both (from "
-                     f"{FEW_SEEDS} seeds each: with fewer, every resample can agree and the "
-                     "interval would claim certainty).</p>")
+                     "difference), with a 95% bootstrap interval over the seeds of both from "
+                     f"{FEW_SEEDS} seeds each (with fewer, every resample can agree and an "
+                     "interval would claim certainty: the value is shown alone).</p>")
         parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
             parts.append(f"<details><summary>Every pair: P(a run of <i>estimator</i> beats a "
