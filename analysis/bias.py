@@ -29,7 +29,8 @@ from scipy import special, stats
 
 from analysis.tidy import KEYS, select
 
-__all__ = ["BIAS_ALPHA", "CELL_LEVEL", "combine_pvalues", "holm_rejections", "bias_tests"]
+__all__ = ["BIAS_ALPHA", "CELL_LEVEL", "combine_pvalues", "holm_rejections", "bias_tests",
+           "declared_unbiased", "verdict_note", "VERDICT_LEGEND"]
 
 #: default family-wise level per configuration: a 21-configuration, 3-task matrix then expects
 #: about 0.06 false alarms in all (and `estbench check` uses the same level)
@@ -38,6 +39,57 @@ BIAS_ALPHA = 1e-3
 CELL_LEVEL = 0.95
 
 COMBINATIONS = ("holm", "fisher")
+
+#: why a declared-biased estimator may test as unbiased, where the reason is known
+UNDETECTED_BIAS = {
+    "reinmax": "exact for quadratic f",
+    "nvil": "scale-only bias",
+}
+
+#: the explanation of :func:`verdict_note`'s short notes, stated once under a table
+VERDICT_LEGEND = (
+    "bias note: where the verdict disagrees with the estimator's declared contract. "
+    "'max-|t| test not significant, but bias norm @0 > 0': the detection test, one coordinate "
+    "at a time with a Bonferroni correction over every parameter, lacks the power of the "
+    "bias-norm estimate, which pools every coordinate and whose interval excludes 0. "
+    "'below resolution': the bias is smaller than the run's M gradient draws per checkpoint can "
+    "detect (its 95% upper limit at step 0 given); ReinMax's correction is exact when f is "
+    "quadratic in z (bernoulli-toy; polynomial at power 2); NVIL is biased only by the positive "
+    "scale of its variance normalisation. 'suspect the t test': late in training, "
+    "near-deterministic probabilities give outcomes that M draws never see, and the "
+    "per-coordinate t test then rejects an unbiased estimator; rerun with more "
+    "gradient_samples, or `estbench check`, before believing it.")
+
+
+def declared_unbiased(estimator: str) -> bool | None:
+    """The registered estimator's ``unbiased`` contract (None for a name not registered here)."""
+    from estbench.errors import EstbenchError
+    from estbench.registry import ESTIMATORS
+
+    try:
+        return bool(ESTIMATORS.get(estimator).unbiased)
+    except EstbenchError:
+        return None
+
+
+def verdict_note(estimator: str, detected: bool | None, bias_low: float,
+                 bias_high: float) -> str:
+    """A short note where the verdict and the estimator's contract disagree (explained by
+    :data:`VERDICT_LEGEND`), given the interval of the bias norm at step 0: a declared-biased
+    estimator not detected (its size resolved after all, or below resolution with its upper
+    limit and the known reason), a declared-unbiased one detected; '' otherwise."""
+    unbiased = declared_unbiased(estimator)
+    if unbiased is None or detected is None:
+        return ""
+    if not unbiased and not detected:
+        if bias_low > 0:
+            return "declared biased; max-|t| test not significant, but bias norm @0 > 0"
+        limit = f" (≤ {bias_high:.2g})" if np.isfinite(bias_high) else ""
+        reason = UNDETECTED_BIAS.get(estimator)
+        return f"declared biased; below resolution{limit}" + (f"; {reason}" if reason else "")
+    if unbiased and detected:
+        return "declared unbiased: suspect the t test"
+    return ""
 
 
 def holm_rejections(pvalues: Sequence[float], alpha: float) -> int:

@@ -122,10 +122,23 @@ def _grid(rows: list, cols: list, height: float = PANEL_HEIGHT, width: float = P
     """A figure with one panel per (row, column) key; returns ``(fig, {(row, col): ax})``."""
     nrows, ncols = max(len(rows), 1), max(len(cols), 1)
     fig_height = max(height * nrows, 0.24 * legend_entries / _legend_columns(legend_entries) + 1.0)
-    fig = Figure(figsize=(width * ncols + (2.6 if legend_entries else 0), fig_height),
+    fig = Figure(figsize=(width * ncols + (_LEGEND_WIDTH if legend_entries else 0), fig_height),
                  layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, {(r, c): axes[i][j] for i, r in enumerate(rows) for j, c in enumerate(cols)}
+
+
+#: suptitle characters per inch of figure width (12 pt sans-serif, generous)
+_TITLE_CHARS_PER_INCH = 10
+#: the width a legend beside the panels may take
+_LEGEND_WIDTH = 2.6
+
+
+def _suptitle(fig: Figure, title: str) -> None:
+    """The figure title, wrapped to the width left of a legend so the two never overlap."""
+    width = fig.get_figwidth() - _LEGEND_WIDTH
+    fig.suptitle(textwrap.fill(title, max(30, int(width * _TITLE_CHARS_PER_INCH))), x=0.01,
+                 ha="left")
 
 
 def _legend_columns(entries: int) -> int:
@@ -236,7 +249,7 @@ def plot_curves(table: pd.DataFrame, *, x: str = "step", ylabel: str, log_y: boo
     _titles(axes, len(runs) > 1)
     _share_columns(axes)
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=not sparse)
     _note(fig, hidden, "zero up to round-off, negative or infinite: no place on a log axis"
           if log_y else "no finite value")
@@ -336,7 +349,7 @@ def plot_bias_variance(table: pd.DataFrame, title: str = "",
     _share_columns(axes, "x")
     _share_columns(axes, "y")
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)", line=False)
     _note(fig, hidden, "bias or variance zero (up to round-off) or not finite: no place on a "
                        "log axis")
@@ -377,7 +390,7 @@ def plot_against_temperature(table: pd.DataFrame, title: str = "") -> Figure:
         ax.set_ylabel("bias norm" if metric == "bias" else "variance tr Cov")
         ax.set_title(f"{run}\n{task}" if multi_run else task, fontsize=10)
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     _legend(fig, styles, table["line"], "estimator (τ on the x axis)")
     _note(fig, hidden, "zero or not finite at some temperature")
     return fig
@@ -435,7 +448,7 @@ def plot_equal_cost(table: pd.DataFrame, title: str = "",
         ax.set_title(f"{run}: {cost}\n{task}" if multi_run else f"{cost}\n{task}", fontsize=10)
     _share_columns(axes, "x", group=lambda row: row[1])
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     _note(fig, hidden, "zero (up to round-off) or not finite: no place on a log axis")
     return fig
 
@@ -476,7 +489,7 @@ def plot_throughput(table: pd.DataFrame, title: str = "",
         ax.set_title(f"{run}\n{task}" if multi_run else task, fontsize=10)
     _share_columns(axes, "x")
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     if len(devices) > 1:
         handles = [Line2D([], [], marker="o", color="0.3", linestyle="none",
                           mfc="0.3" if d == devices[0] else "white", label=d) for d in devices]
@@ -528,7 +541,7 @@ def plot_performance_profile(table: pd.DataFrame, *, metric: str, title: str = "
         ax.set_ylabel("fraction of runs ≤ τ")
         ax.set_title(f"{run}: {family}" if len(runs) > 1 else family, fontsize=10)
     if title:
-        fig.suptitle(title, x=0.01, ha="left")
+        _suptitle(fig, title)
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)")
     fig.text(0.01, 0.0, f"τ: per task, 0 = the best run of any configuration, 1 = the worst; "
              f"higher and further left is better. Grey: the other families.", ha="left",

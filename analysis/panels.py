@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from analysis.stats import aggregate, bootstrap_ci, curves
+from analysis.bias import bias_tests
+from analysis.stats import aggregate, bootstrap_ci, curves, profile_fractions
 from analysis.tidy import CONFIG, select
 from estbench.errors import EstbenchError
 from estbench.registry import ESTIMATORS
@@ -37,7 +38,8 @@ def _with_estimator(table: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
 
 
 def variance_curve(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """``grad_var_total`` at every checkpoint, mean over seeds with bootstrap intervals."""
+    """``grad_var_total`` at every checkpoint, mean over seeds with its interval
+    (:func:`analysis.stats.curves`; the ``interval`` column names the method)."""
     table = curves(results, "grad_var_total", phase="gradient", by=CONFIG,
                    random_state=random_state)
     return _with_estimator(table, results)
@@ -59,15 +61,27 @@ def _mean_ci(results: pd.DataFrame, metric: str, by: list[str], step, random_sta
     return table.set_index(by)[["value", "ci_low", "ci_high"]]
 
 
+def _bias_size(results: pd.DataFrame, by: list[str], step) -> pd.DataFrame:
+    """The bias norm per ``by`` at one checkpoint (``step``: an int or 'first'), combined over
+    seeds as :func:`analysis.bias.bias_tests` does (the mean of the unclipped squared norms,
+    then one root of it and of its interval limits), never a mean of clipped per-seed norms,
+    which is positive for every unbiased estimator."""
+    sizes = bias_tests(results, step=step, by=by)
+    return sizes.set_index(by)[["bias_norm", "ci_low", "ci_high"]]
+
+
 def bias_variance_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """Bias norm and total variance at every checkpoint (``step``), per configuration."""
+    """Bias norm (:func:`_bias_size`) and total variance at every checkpoint (``step``), per
+    configuration."""
     columns = [*CONFIG, "estimator", "step", "variance", "variance_lo", "variance_hi", "bias",
                "bias_lo", "bias_hi"]
-    if select(results, "grad_bias_norm", "gradient").empty:
+    if select(results, "grad_bias_sq", "gradient").empty:
         return pd.DataFrame(columns=columns)
     by = [*CONFIG, "step"]
     var = _mean_ci(results, "grad_var_total", by, None, random_state)
-    bias = _mean_ci(results, "grad_bias_norm", by, None, random_state)
+    steps = sorted(select(results, "grad_bias_sq", "gradient")["step"].unique())
+    bias = pd.concat([_bias_size(results, CONFIG, int(step)).assign(step=step)
+                      .set_index("step", append=True) for step in steps])
     var.columns = ["variance", "variance_lo", "variance_hi"]
     bias.columns = ["bias", "bias_lo", "bias_hi"]
     table = var.join(bias, how="inner").reset_index()
@@ -96,8 +110,8 @@ def _without_temperature(label: str, estimator: str) -> str:
 
 
 def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
-    """Bias and variance at the first checkpoint against temperature, for every estimator run
-    at two or more temperatures. A configuration at the default temperature gets that default
+    """Bias (:func:`_bias_size`) and variance at the first checkpoint against temperature, for
+    every estimator run at two or more temperatures. A configuration at the default temperature gets that default
     (read from the registered estimator). ``line`` is the configuration without its
     temperature."""
     columns = [*CONFIG, "estimator", "line", "temperature", "metric", "value", "ci_low",
@@ -116,10 +130,11 @@ def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFr
     if rows.empty:
         return pd.DataFrame(columns=columns)
     by = [*CONFIG, "line", "temperature"]
-    out = []
-    for metric, name in (("grad_bias_norm", "bias"), ("grad_var_total", "variance")):
-        table = _mean_ci(rows, metric, by, "first", random_state).reset_index()
-        out.append(table.assign(metric=name))
+    bias = _bias_size(rows, by, "first")
+    bias.columns = ["value", "ci_low", "ci_high"]
+    out = [bias.reset_index().assign(metric="bias"),
+           _mean_ci(rows, "grad_var_total", by, "first", random_state).reset_index()
+           .assign(metric="variance")]
     table = _with_estimator(pd.concat(out, ignore_index=True), results)
     counts = table.groupby(["run_label", "task_label", "line"])["temperature"].transform("nunique")
     return table[counts > 1][columns].reset_index(drop=True)
@@ -127,7 +142,8 @@ def temperature_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFr
 
 def equal_cost_table(results: pd.DataFrame, random_state: int = 0) -> pd.DataFrame:
     """Variance at equal cost at the first checkpoint: ``grad_var_total`` times the cost of one
-    estimate, per cell, then the mean over seeds with a bootstrap interval. Averaging n
+    estimate, per cell, then the mean over seeds with its interval
+    (:func:`analysis.stats.interval`). Averaging n
     estimates divides the variance by n, so variance x cost is the variance a unit budget buys.
     ``cost`` is 'f evaluations' (``f_evals``) or 'time per estimate (s)'."""
     columns = [*CONFIG, "estimator", "cost", "value", "ci_low", "ci_high"]
@@ -183,7 +199,8 @@ def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
     """Performance profile (Dolan & More 2002; rliable, Agarwal et al. 2021, arXiv 2108.13264):
     per configuration (run label, estimator label), the fraction of its runs (tasks x seeds)
     whose per-task normalised score ``(x - best) / (worst - best)`` is at most ``tau`` (lower
-    metric is better), with a bootstrap band that resamples seeds within each task.
+    metric is better), with a percentile-bootstrap band that resamples seeds within each task
+    (:func:`analysis.stats.profile_fractions`). For one task's profile, pass that task's rows.
 
     Returns ``run_label, estimator_label, estimator, tau, fraction, lo, hi``; empty when no task
     has two or more seeds.
@@ -199,14 +216,10 @@ def performance_profile(results: pd.DataFrame, metric: str = "loss_exact", *,
     out = []
     for (run, est), group in scored.groupby(["run_label", "estimator_label"], sort=True):
         strata = [g["score"].to_numpy() for _, g in group.groupby("task_label")]
-        point = np.mean(np.concatenate(strata)[:, None] <= grid, axis=0)
-        boots = np.stack([
-            np.mean(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata])[:, None]
-                    <= grid, axis=0)
-            for _ in range(n_boot)])
-        low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        fraction, low, high = profile_fractions(strata, grid, level=level, n_boot=n_boot,
+                                                random_state=rng)
         out.append(pd.DataFrame({"run_label": run, "estimator_label": est, "tau": grid,
-                                 "fraction": point, "lo": low, "hi": high}))
+                                 "fraction": fraction, "lo": low, "hi": high}))
     return _with_estimator(pd.concat(out, ignore_index=True), results)[columns]
 
 
@@ -224,9 +237,10 @@ def run_deltas(results: pd.DataFrame, baseline: str, metrics, random_state: int 
                ) -> pd.DataFrame:
     """Per-metric differences of every run from ``baseline`` (a run label), per task and
     estimator configuration present in both: seeds are paired (the same seed in both runs), the
-    delta is the mean over common seeds of ``other - baseline`` with a bootstrap interval
-    (:func:`analysis.stats.bootstrap_ci`). ``metrics`` holds rows that start with
-    ``(title, phase or phases, metric, step)``, as the summary table's do.
+    delta is the mean over common seeds of ``other - baseline`` with its interval
+    (:func:`analysis.stats.bootstrap_ci`: Student t below 10 seeds, BCa from 10). ``metrics``
+    holds rows that start with ``(title, phase or phases, metric, step)``, as the summary
+    table's do.
 
     Returns ``run_label, task_label, estimator_label, metric, baseline, value, delta, ci_low,
     ci_high, seeds``.

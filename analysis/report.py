@@ -24,9 +24,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import figures, panels
-from analysis.stats import rank_estimators
+from analysis.stats import FEW_SEEDS, rank_estimators
 from analysis.styles import config_styles
-from analysis.summary import SUMMARY_METRICS, format_summary, summary_table
+from analysis.bias import VERDICT_LEGEND
+from analysis.summary import (SUMMARY_METRICS, format_summary, interval_caption, summary_table,
+                              without_uniform_columns)
 from analysis.tidy import KEYS, add_labels, filter_results, run_labels
 from estbench.errors import EstbenchError
 from estbench.store import atomic_write_text, load_results, read_json
@@ -67,6 +69,12 @@ CURVE_LABELS = {
     "loss": "cost f at hard samples",
     "loss_estimator": "cost the estimator evaluated",
     "grad_var_ema": "gradient variance along training (EMA)",
+    "test_neg_elbo": "test -ELBO (mean over m samples)",
+    "test_neg_iwae": "test -IWAE (m samples)",
+    "test_neg_elbo_1": "test -ELBO (one sample)",
+    "train_neg_elbo": "train -ELBO (mean over m samples)",
+    "train_neg_iwae": "train -IWAE (m samples)",
+    "train_neg_elbo_1": "train -ELBO (one sample)",
 }
 
 
@@ -106,7 +114,8 @@ def build_figures(results: pd.DataFrame) -> dict[str, Figure]:
     bv = panels.bias_variance_table(results)
     if not bv.empty:
         out["bias_variance"] = figures.plot_bias_variance(
-            bv, styles=styles, title="Bias against variance at every checkpoint (95% intervals)")
+            bv, styles=styles, title="Bias (combined over seeds) against variance at every "
+                                     "checkpoint (95% intervals)")
     cost = panels.equal_cost_table(results)
     if not cost.empty:
         out["variance_at_equal_cost"] = figures.plot_equal_cost(
@@ -190,13 +199,35 @@ def _deltas(runs: list[Run], results: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     table = table.assign(text=[
-        f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]" + ("" if n > 1 else " (1 seed)")
+        (_fmt(d) if d == lo == hi else f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
+        + ("" if n > 1 else " (1 seed)")
         for d, lo, hi, n in zip(table["delta"], table["ci_low"], table["ci_high"],
                                 table["seeds"])])
     order = [t for t, *_ in SUMMARY_METRICS if t in set(table["metric"])]
     wide = table.pivot_table(index=["run_label", *KEYS], columns="metric", values="text",
                              aggfunc="first")
     return wide[order].reset_index().rename_axis(columns=None)
+
+
+NEXT_TITLE = "P(beats next) [95%]"
+
+
+def _beats_next(ranking: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
+    """Per row of one task's ranking, the probability that a run of it beats a run of the
+    configuration ranked just below, with its interval where there are enough seeds ('–' for
+    the last)."""
+    pairs = pairs.set_index(["estimator", "other"])
+    names = list(ranking["estimator_label"])
+    out = []
+    for name, below in zip(names, names[1:] + [None]):
+        if below is None or (name, below) not in pairs.index:
+            out.append("–")
+            continue
+        row = pairs.loc[(name, below)]
+        interval = (f" [{row['ci_low']:.2g}, {row['ci_high']:.2g}]"
+                    if np.isfinite(row["ci_low"]) else "")
+        out.append(f"{row['p_better']:.2g}{interval}")
+    return out
 
 
 def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.DataFrame]]:
@@ -213,7 +244,9 @@ def _rankings(results: pd.DataFrame, multi_run: bool) -> tuple[str, list[pd.Data
         if rows[rows["metric"] == metric].empty:
             continue
         ranking, pairs = rank_estimators(rows, metric, phase=phase, step="last")
-        rankings.append(ranking.assign(**{"ranked by": f"final {metric}"}))
+        ranking = ranking.assign(**{NEXT_TITLE: _beats_next(ranking, pairs),
+                                    "ranked by": f"final {metric}"})
+        rankings.append(ranking)
         pairwise.append(pairs.assign(**{"ranked by": f"final {metric}"}))
         used.append(metric)
     if not rankings:
@@ -332,17 +365,17 @@ def _output_dir(runs: list[Run], out_dir: str | Path | None) -> Path:
 def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFrame,
           deltas: pd.DataFrame, ranking: tuple[str, list[pd.DataFrame]],
           problems: pd.DataFrame, embedded: dict[str, str], filters: str) -> str:
-    seeds = results.groupby(["run_label", *KEYS])["seed"].nunique() if len(results) else []
     parts = [f"<h1>estbench report: {html.escape(title)}</h1>",
              f"<p class='muted'>{results.groupby(['run_label', 'cell']).ngroups} finished cells"
-             f"{html.escape(filters)}; values are the mean over seeds "
-             f"({min(seeds, default=0)}–{max(seeds, default=0)} seeds per configuration) "
-             f"with 95% intervals over seeds; with fewer than 5 seeds an interval is a rough "
-             f"guide only.</p>"]
+             f"{html.escape(filters)}.</p>"]
     parts.append("<h2>Summary per task</h2>")
-    for task, rows in summary.groupby("task_label", sort=True):
+    parts.append(f"<p class='muted'>{html.escape(interval_caption(summary))}.</p>")
+    shown = without_uniform_columns(summary)
+    for task, rows in shown.groupby("task_label", sort=True):
         parts.append(f"<h3>{html.escape(str(task))}</h3>")
         parts.append(_render(rows.drop(columns=["task_label"])))
+    if "bias note" in shown:
+        parts.append(f"<p class='muted'>{html.escape(VERDICT_LEGEND)}</p>")
     if not deltas.empty:
         parts.append(f"<h2>Differences from run {html.escape(runs[0].label)}</h2>"
                      "<p class='muted'>other run minus the first, per metric: mean over the "
@@ -356,11 +389,19 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
         parts.append(f"<h2>Ranking by final {html.escape(metric)}</h2>"
                      "<p class='muted'>Each task is ranked by its own headline metric (column "
                      "<i>ranked by</i>): the exact loss where the task has one, the test -ELBO "
-                     "on VAEs, else the loss at hard samples; lower is better. Configurations "
-                     "whose intervals overlap the group leader's share its rank.</p>")
+                     "on VAEs, else the loss at hard samples; lower is better. mean, ci_low, "
+                     "ci_high: the mean over seeds and its 95% interval (method: column "
+                     "<i>interval</i>). Configurations whose intervals overlap the group "
+                     "leader's share its rank (<i>tied</i>). <i>P(beats next)</i>: the "
+                     "probability that a run (seed) of this configuration has a lower value "
+                     "than a run of the one ranked below it (ties count half; 0.5 = no "
+                     "difference), with a 95% bootstrap interval over the seeds of both from "
+                     f"{FEW_SEEDS} seeds each (with fewer, every resample can agree and an "
+                     "interval would claim certainty: the value is shown alone).</p>")
         parts.append(_render_per_task(frames[0]))
         for frame in frames[1:]:
-            parts.append(f"<details><summary>{', '.join(map(html.escape, frame.columns))} "
+            parts.append(f"<details><summary>Every pair: P(a run of <i>estimator</i> beats a "
+                         f"run of <i>other</i>), 95% interval over the seeds of both "
                          f"({len(frame)} rows)</summary>{_render(frame)}</details>")
     parts.append("<h2>Figures</h2>")
     for stem, data in embedded.items():
@@ -386,10 +427,12 @@ def _page(title: str, runs: list[Run], results: pd.DataFrame, summary: pd.DataFr
 
 def _markdown(title: str, summary: pd.DataFrame, deltas: pd.DataFrame,
               problems: pd.DataFrame) -> str:
-    md = [f"# estbench report: {title}", "",
-          "Mean over seeds with 95% intervals over seeds.", ""]
-    for task, rows in summary.groupby("task_label", sort=True):
+    md = [f"# estbench report: {title}", "", interval_caption(summary) + ".", ""]
+    shown = without_uniform_columns(summary)
+    for task, rows in shown.groupby("task_label", sort=True):
         md += [f"## {task}", "", _markdown_table(rows.drop(columns=["task_label"])), ""]
+    if "bias note" in shown:
+        md += [VERDICT_LEGEND, ""]
     if not deltas.empty:
         md += ["## Differences from the first run (paired by seed, 95% interval)", "",
                _markdown_table(deltas), ""]

@@ -45,7 +45,7 @@ __all__ = [
     "probability_of_improvement",
     "pairwise_improvement",
     "rank_estimators",
-    "performance_profile",
+    "profile_fractions",
 ]
 
 #: below this many seeds the mean gets a t interval instead of a bootstrap
@@ -154,7 +154,8 @@ def _interval(values: Sequence[float], statistic: str, level: float, n_boot: int
 def bootstrap_ci(values: Sequence[float], statistic: str = "mean", level: float = 0.95,
                  n_boot: int = 2000, random_state: int | np.random.Generator = 0
                  ) -> tuple[float, float, float]:
-    """(point estimate, low, high) of :func:`interval` (kept for callers that want a tuple)."""
+    """(point estimate, low, high) of :func:`interval` (kept for callers that want a tuple):
+    despite the name, a Student t interval for the mean of fewer than 10 seeds."""
     return tuple(interval(values, statistic, level, n_boot, random_state)[:3])
 
 
@@ -199,7 +200,8 @@ def curves(results: pd.DataFrame, metric: str, *, phase: str, by: Sequence[str] 
            statistic: str = "mean", level: float = 0.95, n_boot: int = 1000,
            random_state: int = 0, bounds: tuple[float, float] | None = None) -> pd.DataFrame:
     """A metric along training: per configuration and step, the statistic over seeds with its
-    interval (``bounds``: see :func:`interval`), plus ``wall_time_s`` (mean over seeds) where the run recorded it.
+    interval (``bounds``: see :func:`interval`), plus ``wall_time_s`` (mean over seeds) where
+    the run recorded it.
 
     Returns ``*by, step, wall_time_s, value, ci_low, ci_high, interval, seeds, warning``.
     """
@@ -237,9 +239,11 @@ def probability_of_improvement(x: Sequence[float], y: Sequence[float]) -> float:
 
 def _improvement_interval(x: np.ndarray, y: np.ndarray, level: float, n_boot: int,
                           rng: np.random.Generator) -> tuple[float, float, str]:
-    """Interval of P(X < Y), each sample resampled on its own (BCa from BCA_MIN_SEEDS each)."""
+    """Interval of P(X < Y), each sample resampled on its own (BCa from BCA_MIN_SEEDS each).
+    None below FEW_SEEDS seeds on either side: with n x m pairs that all agree every resample
+    agrees too, and the bootstrap would print [1, 1] for two seeds each."""
     point = probability_of_improvement(x, y)
-    if x.size < 2 or y.size < 2:
+    if min(x.size, y.size) < FEW_SEEDS:
         return np.nan, np.nan, "none"
     bca = min(x.size, y.size) >= BCA_MIN_SEEDS and 0 < point < 1
     return _bootstrap((x, y), _improvement, level, n_boot, rng, bca)
@@ -264,7 +268,8 @@ def pairwise_improvement(results: pd.DataFrame, metric: str, *, phase: str | Non
                          level: float = 0.95, n_boot: int = 2000, random_state: int = 0
                          ) -> pd.DataFrame:
     """For every ordered pair of configurations of a task, the probability that a run of the
-    first beats a run of the second, with a bootstrap interval over the seeds of both.
+    first beats a run of the second, with a bootstrap interval over the seeds of both (none
+    below ``FEW_SEEDS`` seeds on either side).
 
     Returns ``task_label, estimator, other, p_better, ci_low, ci_high, interval, seeds,
     other_seeds``.
@@ -344,37 +349,40 @@ def rank_estimators(results: pd.DataFrame, metric: str, *, phase: str | None = N
     return ranking.reset_index(drop=True), pairwise
 
 
-def _profile_band(hits: np.ndarray, level: float, n_boot: int, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile-bootstrap band over seeds of the fraction of hits ``[seeds, taus]``."""
-    if hits.shape[0] < 2:
-        nan = np.full(hits.shape[1], np.nan)
-        return nan, nan
-    return _scipy_bootstrap((hits,), STATISTICS["mean"], level, n_boot, rng, "percentile")
+def _fraction_at_most(taus: np.ndarray, fixed: np.ndarray) -> Callable[..., np.ndarray]:
+    """The statistic: the fraction of the pooled strata (along ``axis``) and of the ``fixed``
+    values at most each tau, with taus on the first axis (scipy's layout for a vector
+    statistic)."""
+    def fraction(*strata: np.ndarray, axis: int = -1) -> np.ndarray:
+        moved = [np.moveaxis(s, axis, -1) for s in strata]
+        batch = moved[0].shape[:-1] if moved else ()
+        pooled = np.concatenate([*moved, np.broadcast_to(fixed, (*batch, fixed.size))], axis=-1)
+        return np.moveaxis(np.mean(pooled[..., :, None] <= taus, axis=-2), -1, 0)
+    return fraction
 
 
-def performance_profile(results: pd.DataFrame, metric: str, *, phase: str | None = None,
-                        step: str | int | None = "last", taus: Sequence[float] | None = None,
-                        lower_is_better: bool = True, level: float = 0.95, n_boot: int = 2000,
-                        random_state: int = 0) -> pd.DataFrame:
-    """rliable's performance profile per task: for each threshold tau, the fraction of a
-    configuration's runs (seeds) that reach it (value <= tau when lower is better, >= tau
-    otherwise), with a percentile-bootstrap band over seeds (Agarwal et al. 2021, arXiv
-    2108.13264). ``taus`` default: 50 points spanning the task's values.
+def profile_fractions(strata: Sequence[Sequence[float]], taus: Sequence[float], *,
+                      level: float = 0.95, n_boot: int = 2000,
+                      random_state: int | np.random.Generator = 0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One configuration's performance profile (Dolan & More 2002; rliable, Agarwal et al.
+    2021, arXiv 2108.13264): for each ``tau``, the fraction of its runs, pooled over
+    ``strata`` (one array of scores per task, one score per seed), with a score at most tau,
+    and a stratified percentile-bootstrap band (each stratum resampled within itself, by
+    :func:`scipy.stats.bootstrap`). Lower scores are better.
 
-    Returns ``task_label, estimator_label, tau, fraction, ci_low, ci_high, seeds``.
+    Returns ``(fraction, low, high)``, each of shape ``[taus]``; a stratum of one run is held
+    fixed, and the band is NaN when every stratum has one run.
     """
-    columns = ["task_label", "estimator_label", "tau", "fraction", "ci_low", "ci_high", "seeds"]
+    strata = [np.asarray(s, dtype=float) for s in strata]
+    grid = np.asarray(taus, dtype=float)
+    varying = tuple(s for s in strata if s.size > 1)
+    single = [s for s in strata if s.size == 1]  # a resample of one run is that run
+    statistic = _fraction_at_most(grid, np.concatenate(single) if single else np.empty(0))
+    fraction = statistic(*varying)
+    if not varying:
+        nan = np.full(grid.size, np.nan)
+        return fraction, nan, nan
     rng = np.random.default_rng(random_state)
-    out = []
-    for task, values in _per_task_values(results, metric, phase, step, 1.0).items():
-        pooled = np.concatenate(list(values.values()))
-        grid = (np.linspace(pooled.min(), pooled.max(), 50) if taus is None
-                else np.asarray(taus, dtype=float))
-        for est, x in values.items():
-            hits = x[:, None] <= grid if lower_is_better else x[:, None] >= grid
-            low, high = _profile_band(hits.astype(float), level, n_boot, rng)
-            out.append(pd.DataFrame({"task_label": task, "estimator_label": est, "tau": grid,
-                                     "fraction": hits.mean(0), "ci_low": low, "ci_high": high,
-                                     "seeds": x.size}))
-    return pd.concat(out, ignore_index=True)[columns] if out else pd.DataFrame(columns=columns)
+    low, high = _scipy_bootstrap(varying, statistic, level, n_boot, rng, "percentile")
+    return fraction, np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)

@@ -17,11 +17,12 @@ import json
 import numpy as np
 import pandas as pd
 
-from analysis.bias import BIAS_ALPHA, bias_tests
-from analysis.stats import aggregate, few_seeds_warning
+from analysis.bias import BIAS_ALPHA, bias_tests, verdict_note
+from analysis.stats import FEW_SEEDS, aggregate, few_seeds_warning
 from analysis.tidy import KEYS, add_labels
 
-__all__ = ["SUMMARY_METRICS", "summary_table", "format_summary"]
+__all__ = ["SUMMARY_METRICS", "summary_table", "format_summary", "interval_caption",
+           "without_uniform_columns"]
 
 POSITIVE = (0.0, np.inf)
 
@@ -31,8 +32,8 @@ POSITIVE = (0.0, np.inf)
 SUMMARY_METRICS = (
     ("test -ELBO", ("eval", "train"), "test_neg_elbo", "last", None),
     ("test -IWAE", ("eval", "train"), "test_neg_iwae", "last", None),
-    ("final loss_exact", ("eval", "train"), "loss_exact", "last", None),
-    ("final loss", ("train",), "loss", "last", None),
+    ("final exact loss", ("eval", "train"), "loss_exact", "last", None),
+    ("final loss at hard z", ("train",), "loss", "last", None),
     ("variance @0", ("gradient",), "grad_var_total", "first", POSITIVE),
     ("cosine @0", ("gradient",), "grad_cosine", "first", (-1.0, 1.0)),
     ("time/estimate (s)", ("throughput",), "time_per_estimate_s", "first", POSITIVE),
@@ -40,9 +41,10 @@ SUMMARY_METRICS = (
 )
 
 #: where the bias columns go (after the losses)
-_BIAS_AFTER = "final loss"
+_BIAS_AFTER = "final loss at hard z"
 BIAS_TITLE = "bias norm @0"
 DETECTED_TITLE = "bias detected"
+NOTE_TITLE = "bias note"
 
 
 def _preferred_phase(labelled: pd.DataFrame, phases: tuple[str, ...], metric: str
@@ -116,6 +118,12 @@ def summary_table(results: pd.DataFrame, statistic: str = "mean", n_boot: int = 
     out["interval"] = _methods(methods, out.index)
     out["note"] = [few_seeds_warning(int(s)) for s in out["seeds"]]
     out["m"] = _eval_samples(labelled).reindex(out.index)
+    if DETECTED_TITLE in out:
+        names = labelled.groupby(KEYS)["estimator"].first().reindex(out.index)
+        out[NOTE_TITLE] = [verdict_note(name, None if pd.isna(d) else bool(d), lo, hi)
+                           for name, d, lo, hi in zip(names, out[DETECTED_TITLE],
+                                                      out[f"{BIAS_TITLE} lo"],
+                                                      out[f"{BIAS_TITLE} hi"])]
     return out.reset_index().sort_values(KEYS, kind="stable").reset_index(drop=True)
 
 
@@ -134,6 +142,17 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _with_interval(value: float, low: float, high: float) -> str:
+    """``value [low, high]``, with more digits where 3 would print a narrow interval as a point;
+    the value alone where there is no interval or it is one (every seed agrees)."""
+    if np.isnan(low) or np.isnan(high) or low == high == value:
+        return _fmt(value)
+    digits = 3
+    while digits < 7 and f"{low:.{digits}g}" == f"{high:.{digits}g}":
+        digits += 1
+    return f"{value:.{digits}g} [{low:.{digits}g}, {high:.{digits}g}]"
+
+
 def _detected(value, pvalue: float) -> str:
     if value is pd.NA or value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
@@ -150,10 +169,7 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
         if title not in table.columns:
             continue
         lo, hi = table[f"{title} lo"], table[f"{title} hi"]
-        out[title] = [
-            _fmt(v) if np.isnan(a) or np.isnan(b) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
-            for v, a, b in zip(table[title], lo, hi)
-        ]
+        out[title] = [_with_interval(v, a, b) for v, a, b in zip(table[title], lo, hi)]
         if title == _BIAS_AFTER:
             _add_bias(out, table)
     if BIAS_TITLE not in out:
@@ -161,7 +177,8 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     for column in ("interval", "note"):
         if column in table:
             out[column] = table[column]
-    shown = [c for c in out.columns if c in KEYS or c == "seeds" or not (out[c] == "–").all()]
+    shown = [c for c in out.columns
+             if c in KEYS or c == "seeds" or not out[c].isin(["–", ""]).all()]
     return out[shown]
 
 
@@ -173,5 +190,32 @@ def _add_bias(out: pd.DataFrame, table: pd.DataFrame) -> None:
     out[title] = [_detected(v, p) for v, p in
                   zip(table[DETECTED_TITLE], table[f"{DETECTED_TITLE} p"])]
     lo, hi = table[f"{BIAS_TITLE} lo"], table[f"{BIAS_TITLE} hi"]
-    out[BIAS_TITLE] = [_fmt(v) if np.isnan(a) else f"{_fmt(v)} [{_fmt(a)}, {_fmt(b)}]"
-                       for v, a, b in zip(table[BIAS_TITLE], lo, hi)]
+    out[BIAS_TITLE] = [_with_interval(v, a, b) for v, a, b in zip(table[BIAS_TITLE], lo, hi)]
+    if NOTE_TITLE in table:
+        out[NOTE_TITLE] = table[NOTE_TITLE].fillna("")
+
+
+INTERVAL_METHODS = {"t": "Student t", "bca": "BCa bootstrap", "percentile": "percentile bootstrap"}
+
+
+def interval_caption(formatted: pd.DataFrame) -> str:
+    """One sentence on what the values and intervals of a formatted summary are: the statistic,
+    the interval methods used (``interval`` column), the seed counts and the few-seeds note."""
+    methods = sorted({m.strip() for cell in formatted.get("interval", pd.Series(dtype=str))
+                      for m in str(cell).split(",") if m.strip() not in ("", "–")})
+    named = ", ".join(INTERVAL_METHODS.get(m, m) for m in methods) or "none"
+    seeds = formatted["seeds"].astype(int) if len(formatted) else pd.Series([0])
+    counts = (f"{seeds.min()}" if seeds.min() == seeds.max()
+              else f"{seeds.min()}-{seeds.max()}")
+    rough = (f"; with fewer than {FEW_SEEDS} seeds an interval is rough"
+             if seeds.min() < FEW_SEEDS else "")
+    return (f"value [95% interval over seeds]: mean over {counts} seeds per configuration, "
+            f"interval by {named}{rough}; a value alone: every seed gave that value; @0 = at the "
+            f"initial parameters")
+
+
+def without_uniform_columns(formatted: pd.DataFrame) -> pd.DataFrame:
+    """The formatted summary without the ``interval`` and ``note`` columns where every row has
+    the same value (:func:`interval_caption` states it once instead)."""
+    drop = [c for c in ("interval", "note") if c in formatted and formatted[c].nunique() <= 1]
+    return formatted.drop(columns=drop)

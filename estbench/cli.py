@@ -191,17 +191,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(run_dir: Path) -> None:
-    from analysis.summary import format_summary, summary_table
+    from analysis.bias import VERDICT_LEGEND
+    from analysis.summary import (format_summary, interval_caption, summary_table,
+                                  without_uniform_columns)
     from estbench.store import load_results
 
     results = load_results(run_dir, on_skip=lambda name, why: _warn(f"left out {name}: {why}"))
-    table = format_summary(summary_table(results))
-    print("\nmean over seeds [95% bootstrap interval over seeds]; @0 = at the initial parameters")
+    formatted = format_summary(summary_table(results))
+    table = without_uniform_columns(formatted)
+    print(f"\n{interval_caption(formatted)}")
     with pd.option_context("display.width", 250, "display.max_columns", 20,
                            "display.max_colwidth", 40):
         for task, rows in table.groupby("task_label", sort=True):
             print(f"\n== {task}")
             print(rows.drop(columns=["task_label"]).to_string(index=False))
+    if "bias note" in table:
+        print(f"\n{VERDICT_LEGEND}")
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -14,11 +14,16 @@ from analysis.stats import (
     few_seeds_warning,
     interquartile_mean,
     interval,
-    performance_profile,
     probability_of_improvement,
+    profile_fractions,
     rank_estimators,
 )
-from analysis.summary import format_summary, summary_table
+from analysis.summary import (
+    format_summary,
+    interval_caption,
+    summary_table,
+    without_uniform_columns,
+)
 
 
 def test_interquartile_mean_trims_a_quarter_from_each_end():
@@ -99,7 +104,8 @@ def test_aggregate_and_rank():
     ranking, pairwise = rank_estimators(frame, "loss_exact", phase="train")
     assert list(ranking["estimator_label"]) == ["a", "b"] and list(ranking["rank"]) == [1, 2]
     ab = pairwise[(pairwise["estimator"] == "a") & (pairwise["other"] == "b")].iloc[0]
-    assert ab["p_better"] == 1.0 and ab["ci_low"] <= 1.0 <= ab["ci_high"]
+    assert ab["p_better"] == 1.0  # 4 seeds each: no interval (every resample would agree)
+    assert np.isnan(ab["ci_low"]) and np.isnan(ab["ci_high"]) and ab["interval"] == "none"
     _, flipped = rank_estimators(frame, "loss_exact", phase="train", lower_is_better=False)
     assert flipped[(flipped["estimator"] == "a")]["p_better"].iloc[0] == 0.0
 
@@ -134,19 +140,23 @@ def test_pairwise_table_has_intervals_and_seed_counts():
     assert ab["interval"] == "percentile" and ab["seeds"] == ab["other_seeds"] == 5
 
 
-def test_performance_profile_counts_runs_reaching_each_threshold():
-    frame = _frame({"a": [1.0, 2.0, 3.0, 4.0], "b": [2.5, 2.5, 2.5, 2.5]})
-    profile = performance_profile(frame, "loss_exact", phase="train", taus=[0.5, 2.5, 4.0],
-                                  n_boot=500)
-    a = profile[profile["estimator_label"] == "a"]
-    assert list(a["fraction"]) == [0.0, 0.5, 1.0]
-    assert (a["ci_low"] <= a["fraction"]).all() and (a["fraction"] <= a["ci_high"]).all()
-    assert a["ci_low"].iloc[1] < 0.5 < a["ci_high"].iloc[1]
-    b = profile[profile["estimator_label"] == "b"]
-    assert list(b["fraction"]) == [0.0, 1.0, 1.0] and (b["seeds"] == 4).all()
-    higher = performance_profile(frame, "loss_exact", phase="train", taus=[2.5],
-                                 lower_is_better=False)
-    assert list(higher["fraction"]) == [0.5, 1.0]
+def test_profile_fractions_count_runs_reaching_each_threshold():
+    fraction, low, high = profile_fractions([[1.0, 2.0, 3.0, 4.0]], [0.5, 2.5, 4.0], n_boot=500)
+    assert list(fraction) == [0.0, 0.5, 1.0]
+    assert (low <= fraction).all() and (fraction <= high).all()
+    assert low[1] < 0.5 < high[1]
+    assert low[0] == high[0] == 0.0 and low[2] == high[2] == 1.0  # every resample agrees
+
+
+def test_profile_fractions_resample_within_strata():
+    # each stratum (task) keeps its size in every resample: a stratum whose runs all reach tau
+    # holds the pooled fraction at or above its share, and one run alone is held fixed
+    fraction, low, high = profile_fractions([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0]],
+                                            [0.5], n_boot=500)
+    assert fraction[0] == pytest.approx(5 / 8)
+    assert low[0] >= 4 / 8 and high[0] < 1.0
+    _, single_low, single_high = profile_fractions([[0.3], [0.7]], [0.5])
+    assert np.isnan(single_low).all() and np.isnan(single_high).all()
 
 
 def test_holm_and_fisher_combinations():
@@ -217,9 +227,9 @@ def test_summary_reads_eval_phase_and_old_train_phase_and_reports_bias():
                                          ("gradient", 0, "grad_bias_pvalue", 1e-9),
                                          ("gradient", 0, "grad_bias_sq", 0.25)])
     table = summary_table(pd.DataFrame(rows)).set_index("estimator_label")
-    assert table.loc["new", "final loss_exact"] == pytest.approx(0.21)
-    assert table.loc["old", "final loss_exact"] == pytest.approx(0.4)
-    assert table.loc["new", "final loss"] == pytest.approx(0.3)  # never loss_estimator
+    assert table.loc["new", "final exact loss"] == pytest.approx(0.21)
+    assert table.loc["old", "final exact loss"] == pytest.approx(0.4)
+    assert table.loc["new", "final loss at hard z"] == pytest.approx(0.3)  # never loss_estimator
     assert not table.loc["new", "bias detected"] and table.loc["old", "bias detected"]
     assert table.loc["old", "bias norm @0"] == pytest.approx(0.5)
     assert table.loc["new", "interval"] == "t" and "3 seeds" in table.loc["new", "note"]
@@ -239,3 +249,40 @@ def test_vae_summary_leads_with_test_bounds_and_their_sample_count():
     assert list(shown.columns[:6]) == ["task_label", "estimator_label", "seeds", "m",
                                        "test -ELBO", "test -IWAE"]
     assert shown["m"].iloc[0] == "100" and shown["test -ELBO"].iloc[0].startswith("100")
+
+
+def test_verdict_note_only_where_the_verdict_and_the_contract_disagree():
+    from analysis.bias import verdict_note
+
+    assert verdict_note("reinmax", False, 0.0, 0.0042) == (
+        "declared biased; below resolution (≤ 0.0042); exact for quadratic f")
+    assert verdict_note("gst", False, 0.0, np.nan) == "declared biased; below resolution"
+    assert "bias norm @0 > 0" in verdict_note("gumbel-softmax", False, 0.9, 1.2)
+    assert verdict_note("rloo", True, 0.0, 0.1) == "declared unbiased: suspect the t test"
+    assert verdict_note("rloo", False, 0.0, 0.1) == verdict_note("gst", True, 0.0, 0.1) == ""
+    assert verdict_note("not-registered", True, 0.0, 0.1) == ""
+
+
+def test_summary_states_methods_once_and_notes_undetected_declared_bias():
+    rows = []
+    for seed in range(3):
+        for name, p in (("reinmax", 0.5), ("rloo", 0.4)):
+            rows += _cell_rows(name, seed, [("train", 10, "loss", 0.3 + 0.01 * seed),
+                                            ("gradient", 0, "grad_bias_pvalue", p),
+                                            ("gradient", 0, "grad_bias_sq", -1e-4)])
+    shown = format_summary(summary_table(pd.DataFrame(rows)))
+    notes = dict(zip(shown["estimator_label"], shown["bias note"]))
+    assert notes["reinmax"].startswith("declared biased; below resolution") and not notes["rloo"]
+    caption = interval_caption(shown)
+    assert "3 seeds" in caption and "Student t" in caption and "rough" in caption
+    assert {"interval", "note"}.isdisjoint(without_uniform_columns(shown).columns)
+    assert "interval" in without_uniform_columns(shown.assign(interval=["t", "bca"]))
+
+
+def test_a_narrow_interval_gets_digits_and_only_a_point_prints_alone():
+    from analysis.summary import _with_interval
+
+    assert _with_interval(198.1, 197.9, 198.3) == "198.1 [197.9, 198.3]"
+    assert _with_interval(0.25, 0.25, 0.25) == "0.25"
+    assert _with_interval(0.25, np.nan, np.nan) == "0.25"
+    assert _with_interval(0.2, 0.1, 0.3) == "0.2 [0.1, 0.3]"

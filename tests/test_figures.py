@@ -96,7 +96,8 @@ def _gradient_rows(configs: dict[str, tuple[str, dict]], metric="grad_var_total"
                          "cell": f"{label}{seed}",
                          "estimator_label": label, "estimator": name,
                          "estimator_params": json.dumps(params), "seed": seed, "phase": "gradient",
-                         "step": 0, "metric": metric, "value": 1.0 + seed})
+                         "step": 0, "metric": metric, "value": 1.0 + seed,
+                         "ci_low": np.nan, "ci_high": np.nan})
     return pd.DataFrame(rows)
 
 
@@ -105,10 +106,25 @@ def test_the_default_temperature_configuration_gets_the_registered_default():
     configs = {"gumbel-softmax": ("gumbel-softmax", {}),
                "gumbel-softmax(temperature=0.5)": ("gumbel-softmax", {"temperature": 0.5}),
                "rebar": ("rebar", {}), "rloo": ("rloo", {})}
-    rows = pd.concat([_gradient_rows(configs, m) for m in ("grad_var_total", "grad_bias_norm")])
+    rows = pd.concat([_gradient_rows(configs, m)
+                      for m in ("grad_var_total", "grad_bias_sq", "grad_bias_pvalue")])
     table = panels.temperature_table(rows)
     assert set(table["line"]) == {"gumbel-softmax"}  # rebar: one temperature; rloo: none
     assert sorted(set(table["temperature"])) == [0.5, 1.0]
+    assert set(table["metric"]) == {"bias", "variance"}
+
+
+def test_bias_in_figures_is_combined_over_seeds_never_a_mean_of_clipped_norms():
+    """Per-seed squared-norm estimates -0.01 and 0.01 (noise around 0): clipped per-seed norms
+    0 and 0.1 would draw an unbiased estimator at 0.05; combined, the bias is 0."""
+    rows = pd.concat([_gradient_rows({"rloo": ("rloo", {})}, m)
+                      for m in ("grad_var_total", "grad_bias_sq", "grad_bias_pvalue")])
+    squares = rows["metric"] == "grad_bias_sq"
+    rows.loc[squares, "value"] = [-0.01, 0.01]
+    rows.loc[squares, "ci_low"] = [-0.03, -0.01]
+    rows.loc[squares, "ci_high"] = [0.01, 0.03]
+    row = panels.bias_variance_table(rows).iloc[0]
+    assert row["bias"] == 0.0 and row["bias_lo"] == 0.0 and 0 < row["bias_hi"] < 0.2
 
 
 def test_performance_profile_fractions():
