@@ -53,16 +53,16 @@ class LoggedReinforce(Reinforce):
                 log.write(f"{torch.initial_seed()} {self.step}\\n")
 '''
 
-STEPS = 3000
-EVERY = 250
+STEPS = 2000
+EVERY = 200
 SPEC = """
 name = "e2e"
 seeds = [0, 1]
 
 [measure]
 gradient_samples = 100
-checkpoints = [0, 1500, 3000]
-steps = 3000
+checkpoints = [0, {half}, {steps}]
+steps = {steps}
 log_every = 100
 lr = {lr}
 throughput_min_time = 0.05
@@ -90,7 +90,8 @@ def _files(root: Path, name: str = "spec.toml", lr: float = 0.02, every: int = E
     plugin = root / "e2e_logged_steps.py"
     plugin.write_text(textwrap.dedent(PLUGIN))
     spec = root / name
-    spec.write_text(textwrap.dedent(SPEC.format(lr=lr, every=every, limit=limit)))
+    spec.write_text(textwrap.dedent(SPEC.format(lr=lr, every=every, limit=limit, steps=STEPS,
+                                                half=STEPS // 2)))
     return spec, plugin
 
 
@@ -308,8 +309,9 @@ def test_sigkill_of_every_process_resumes_from_the_checkpoint(root, killed_one_w
     spec, _ = _files(root)
     second = load_spec(spec).cells()[1]  # not started before the kill: no checkpoint yet
     path = checkpoint_path(out, second.id)
-    with pytest.raises(_Crash):  # its state at step 250 with another lr, where it would resume
-        run_cell(second, replace(second.measure, lr=0.03), checkpoint=path, on_step=_crash_at(300))
+    with pytest.raises(_Crash):  # its periodic save with another lr, where it would resume
+        run_cell(second, replace(second.measure, lr=0.03), checkpoint=path,
+                 on_step=_crash_at(EVERY + 50))
     assert torch.load(path, weights_only=True)["step"] == EVERY
 
     run = _Run(spec, out, "resumed", "--workers", "1")
