@@ -292,8 +292,8 @@ def reference(root, killed_one_worker) -> pd.DataFrame:
 def test_sigkill_of_every_process_resumes_from_the_checkpoint(root, killed_one_worker,
                                                               reference, capsys):
     """One worker: the same command again finishes the run, the killed cell from its last
-    periodic checkpoint; a refused spec leaves the checkpoint alone, and a checkpoint saved
-    under another [measure] is ignored."""
+    periodic checkpoint; a refused spec leaves the checkpoint alone, a checkpoint saved under
+    another [measure] is ignored, and a save cut off by the kill is cleared."""
     from estbench.cell import run_cell
     from estbench.spec import load_spec
     from estbench.store import checkpoint_path
@@ -313,6 +313,7 @@ def test_sigkill_of_every_process_resumes_from_the_checkpoint(root, killed_one_w
         run_cell(second, replace(second.measure, lr=0.03), checkpoint=path,
                  on_step=_crash_at(EVERY + 50))
     assert torch.load(path, weights_only=True)["step"] == EVERY
+    (path.parent / f".{path.name}.cut.tmp").write_bytes(b"a save cut off by SIGKILL")
 
     run = _Run(spec, out, "resumed", "--workers", "1")
     assert run.finish() == 0, run.err()
