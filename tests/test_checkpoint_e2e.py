@@ -130,10 +130,10 @@ class _Run:
     def steps(self) -> dict[int, list[int]]:
         """seed -> the training steps this invocation ran for that seed's cell, in order."""
         runs: dict[int, list[int]] = {}
-        if self.log.is_file():
-            for line in self.log.read_text().splitlines():
-                seed, step = map(int, line.split())
-                runs.setdefault(seed, []).append(step)
+        text = self.log.read_text() if self.log.is_file() else ""
+        for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines: one may be written
+            seed, step = map(int, line.split())
+            runs.setdefault(seed, []).append(step)
         return runs
 
 
