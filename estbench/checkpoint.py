@@ -9,7 +9,6 @@ complete file or the new complete one, even after SIGKILL or a power cut. It is 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,9 +27,6 @@ __all__ = ["CheckpointWarning", "identity", "save_checkpoint", "load_checkpoint"
 #: bumped whenever the layout of a checkpoint changes; older files are then ignored
 FORMAT = 1
 
-#: measure keys that cannot change a cell's numbers (left out of the identity)
-NEUTRAL_MEASURE_KEYS = ("checkpoint_every",)
-
 
 class CheckpointWarning(UserWarning):
     """A checkpoint file was found but not used (unreadable, or another cell's)."""
@@ -38,10 +34,11 @@ class CheckpointWarning(UserWarning):
 
 def identity(cell: Cell, measure: Measure, device: torch.device) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the cell (task, estimator, their parameters,
-    seed), a hash of the measure, the device, the torch version and the file format."""
-    settings = {k: v for k, v in dataclasses.asdict(measure).items()
-                if k not in NEUTRAL_MEASURE_KEYS}
-    measure_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    seed), a hash of the measure (less the keys that cannot change the numbers, such as
+    ``checkpoint_every`` and ``time_limit_s``: see :meth:`Measure.identity`), the device, the
+    torch version and the file format."""
+    measure_hash = hashlib.sha256(json.dumps(measure.identity(), sort_keys=True).encode()
+                                  ).hexdigest()
     key = json.dumps([cell.task, cell.task_params, cell.estimator, cell.estimator_params,
                       cell.seed], sort_keys=True)
     return {"format": FORMAT, "cell": cell.id, "key": key, "measure": measure_hash,

@@ -157,7 +157,10 @@ def _worker_main(conn: Connection, alive: Connection, plugins: tuple[str, ...],
                 now = time.monotonic()
                 if now - last >= STEP_MESSAGE_INTERVAL_S or done == total:
                     last = now
-                    _sending(conn, ("step", cell_id, done, total))
+                    try:
+                        _sending(conn, ("step", cell_id, done, total))
+                    except OSError:  # the driver is gone: _watch_driver stops the cell, which
+                        pass  # saves its checkpoint then (a failed cell would not save)
 
             _sending(conn, ("outcome", execute_cell(job, on_step)))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
