@@ -245,6 +245,8 @@ class LocalProcesses:
             wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.2)
             if hooks.stop_requested():  # before reading outcomes: a cell cut by the stop is pending
                 yield from self._stop(hooks)
+                for job in queue:  # never started: pending too
+                    yield CellOutcome(job.cell.id, "interrupted", message="stopped on request")
                 return
             for worker in self.workers:  # a dead worker is replaced when there is work for it
                 outcome = self._poll(worker, hooks)

@@ -370,3 +370,24 @@ def test_sigkill_with_two_workers_then_the_driver_then_sigterm_each_resume(root,
     assert resumed.finish() == 0, resumed.err()
     _assert_resumed(resumed, final)
     _assert_complete(out, reference)
+
+
+def test_a_stop_while_a_finished_cell_is_reported_keeps_it_and_says_the_rest_is_pending(root):
+    """One worker, two cells: SIGTERM reaches the driver while the first cell's rows wait in its
+    pipe (the driver is held by SIGSTOP while that cell ends). The finished cell is kept, the
+    one never started stays pending, and the run says it was interrupted."""
+    spec, _ = _files(root)
+    out = root / "stopped-between"
+    run = _Run(spec, out, "stopped", "--workers", "1")
+    run.wait_for(lambda: run.steps().get(0, [0])[-1] == STEPS - 1, "the first cell's last step")
+    os.kill(run.process.pid, signal.SIGSTOP)
+    time.sleep(3)  # the first cell's last gradient phase and throughput, then its rows are sent
+    os.kill(run.process.pid, signal.SIGTERM)
+    os.kill(run.process.pid, signal.SIGCONT)
+    assert run.finish() == 128 + signal.SIGTERM, run.err()
+    assert run.err().strip().endswith("run the same command again to resume")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    statuses = {_seed(Path(cell)): info["status"] for cell, info in manifest["cells"].items()}
+    assert statuses == {0: "done", 1: "pending"} and sorted(run.steps()) == [0]
+    assert not list((out / "checkpoints").glob("*.pt"))  # the finished cell's is gone
