@@ -309,7 +309,8 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
         candidates = [method]
     else:
         candidates = ["flat", "batched", "loop"] if estimator.vectorisable else ["loop"]
-    plans, failures = [], []
+    plans: list[DrawPlan] = []
+    failures: list[Exception] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for candidate in candidates:
             try:
@@ -323,8 +324,10 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
                         f"gradient method '{candidate}' cannot draw '{estimator.name}' on "
                         f"'{task.name}': {str(err).splitlines()[0]}; use gradient_method = "
                         f"\"auto\"") from err
-    if not plans:
-        raise failures[0]
+                failures.append(err)
+    if not plans:  # the budget's one-line error first, else the first method's error
+        budget_errors = [err for err in failures if isinstance(err, EstbenchError)]
+        raise (budget_errors or failures)[0]
     return min(plans, key=lambda plan: plan.seconds_per_draw if len(plans) > 1 else 0.0)
 
 

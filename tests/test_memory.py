@@ -284,3 +284,18 @@ def test_cuda_enumeration_in_chunks_matches_one_pass():
             results[budget] = (value, *torch.autograd.grad(value, [logits, weight]))
     for whole, chunked in zip(results[1 << 40], results[256 * 1024]):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_reraises_an_estimator_error_that_every_method_meets():
+    from dataclasses import dataclass
+
+    from estbench.contracts import Estimator
+
+    @dataclass(kw_only=True)
+    class Broken(Estimator):
+        def _estimate(self, logits, f, latent):
+            raise RuntimeError("broken on purpose")
+
+    task, params = _encoder_task()
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        plan_draws(task, Broken(), params, None, 10)
