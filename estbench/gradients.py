@@ -15,9 +15,11 @@ output gradients: one forward and backward pass plus the m x P gradients themsel
 ``vectorisable = False``, and the reference of the other two).
 
 ``auto`` probes each method that can run on a small chunk (its peak memory for one draw, then its
-time for a few draws) and takes the fastest whose chunk fits the budget. Chunk sizes come from
-the measured peak (activations included), not from parameter sizes. A deterministic estimator
-(``Estimator.deterministic``) is drawn once: its m draws are that one draw repeated.
+time for a few draws) and takes the fastest whose chunk fits the budget; when the default
+(``batched``) would take less than :data:`AUTO_MIN_SECONDS` it keeps it without timing the
+others. Chunk sizes come from the measured peak (activations included), not from parameter
+sizes. A deterministic estimator (``Estimator.deterministic``) is drawn once: its m draws are
+that one draw repeated.
 """
 
 from __future__ import annotations
@@ -193,6 +195,10 @@ DRAW: dict[str, Callable[[Task, Estimator, Params, Any, int], Draws]] = {
 }
 #: draws timed per candidate method when ``auto`` chooses
 PROBE_DRAWS = 8
+#: ``auto`` keeps its default (``batched``) without timing the others when the default's draws
+#: are estimated to take less than this: the choice then never depends on timing noise, so
+#: small cells give the same numbers whatever the machine's load
+AUTO_MIN_SECONDS = 2.0
 #: a chunk's working set, at most: larger chunks only add page faults and cache misses (on the
 #: 20x10 VAE, chunks of 10-20 draws ran 1.0x the physical limit, one chunk of 200 draws 1.9x)
 CHUNK_TARGET_BYTES = 128 * MIB
@@ -308,11 +314,13 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
     if method != "auto":
         candidates = [method]
     else:
-        candidates = ["flat", "batched", "loop"] if estimator.vectorisable else ["loop"]
+        candidates = ["batched", "flat", "loop"] if estimator.vectorisable else ["loop"]
     plans: list[DrawPlan] = []
     failures: list[Exception] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for candidate in candidates:
+            if plans and plans[0].seconds_per_draw * num_samples < AUTO_MIN_SECONDS:
+                break  # the default is fast enough: keep the choice free of timing noise
             try:
                 plans.append(_probe(candidate, task, estimator, params, batch, num_samples,
                                     per_draw_bytes, budget, chunk_size, len(candidates) > 1))
