@@ -15,13 +15,14 @@ output gradients: one forward and backward pass plus the m x P gradients themsel
 ``vectorisable = False``, and the reference of the other two).
 
 ``auto`` probes each method that can run on a small chunk (its peak memory for one draw, then its
-time for a few draws). It takes the first vectorised method that runs within the budget (``flat``,
-else ``batched``), and the loop instead only when the probe times the loop at least
-:data:`LOOP_SPEEDUP` times faster and the vectorised draws would take at least
-:data:`SWITCH_MIN_SECONDS`. The methods draw the same distribution but not the same bits, so
-a near-tie decided by timing noise would make a rerun differ: only a clear margin switches. Chunk sizes come from
-the measured peak (activations included), not from parameter sizes. A deterministic estimator
-(``Estimator.deterministic``) is drawn once: its m draws are that one draw repeated.
+time for a few draws). The default, ``batched``, is kept without timing the others when its
+draws would take under :data:`AUTO_MIN_SECONDS`; otherwise another method is taken only when the
+probe times it at least :data:`SWITCH_FACTOR` faster. The methods draw the same distribution but
+not the same bits, so only a clear margin may change the method: a near-tie decided by timing
+noise would make a rerun, another worker count or a resumed cell differ in the last digits.
+Chunk sizes come from the measured peak (activations included), not from parameter sizes. A
+deterministic estimator (``Estimator.deterministic``) is drawn once: its m draws are that one
+draw repeated.
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ DRAW: dict[str, Callable[[Task, Estimator, Params, Any, int], Draws]] = {
 }
 #: draws timed per candidate method when ``auto`` chooses
 PROBE_DRAWS = 8
+#: ``auto`` keeps its default (``batched``) without timing the others when the default's draws
+#: are estimated to take less than this: the choice then never depends on timing noise, so
+#: small cells give the same numbers whatever the machine's load
+AUTO_MIN_SECONDS = 2.0
 #: a chunk's working set, at most: larger chunks only add page faults and cache misses (on the
 #: 20x10 VAE, chunks of 10-20 draws ran 1.0x the physical limit, one chunk of 200 draws 1.9x)
 CHUNK_TARGET_BYTES = 128 * MIB
@@ -295,10 +300,13 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
     if method != "auto":
         candidates = [method]
     else:
-        candidates = ["flat", "batched", "loop"] if estimator.vectorisable else ["loop"]
-    plans, failures = [], []
+        candidates = ["batched", "flat", "loop"] if estimator.vectorisable else ["loop"]
+    plans: list[DrawPlan] = []
+    failures: list[Exception] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for candidate in candidates:
+            if plans and plans[0].seconds_per_draw * num_samples < AUTO_MIN_SECONDS:
+                break  # the default is fast enough: keep the choice free of timing noise
             try:
                 plans.append(_probe(candidate, task, estimator, params, batch, num_samples,
                                     per_draw_bytes, budget, chunk_size, len(candidates) > 1))
@@ -310,26 +318,21 @@ def _choose(task: Task, estimator: Estimator, params: Params, batch: Any, num_sa
                         f"gradient method '{candidate}' cannot draw '{estimator.name}' on "
                         f"'{task.name}': {str(err).splitlines()[0]}; use gradient_method = "
                         f"\"auto\"") from err
-    if not plans:
-        raise failures[0]
-    chosen = plans[0]
-    loop = plans[-1]
-    if (loop is not chosen and loop.method == "loop"
-            and chosen.seconds_per_draw * num_samples >= SWITCH_MIN_SECONDS
-            and loop.seconds_per_draw * LOOP_SPEEDUP <= chosen.seconds_per_draw):
-        chosen = loop
-    return chosen
+                failures.append(err)
+    if not plans:  # the budget's one-line error first, else the first method's error
+        budget_errors = [err for err in failures if isinstance(err, EstbenchError)]
+        raise (budget_errors or failures)[0]
+    default = plans[0]
+    faster = [plan for plan in plans[1:]
+              if plan.seconds_per_draw * SWITCH_FACTOR <= default.seconds_per_draw]
+    return min(faster, key=lambda plan: plan.seconds_per_draw) if faster else default
 
 
-#: how much faster the probe must time the loop before ``auto`` leaves the vectorised method:
-#: a clear margin, so that timing noise never changes the method (and with it the bits) between
-#: reruns, worker counts or a resumed cell. On networks ``flat`` is at the physical limit; the
-#: loop wins by 5x where a vectorised estimate materialises much more than one draw needs
-#: (IndeCateR on ``polynomial``).
-LOOP_SPEEDUP = 3.0
-#: below this projected time for all the draws, speed does not matter and ``auto`` never leaves
-#: the vectorised method: on tiny tasks a probe of microseconds is mostly noise and warm-up
-SWITCH_MIN_SECONDS = 1.0
+#: how much faster than the default (``batched``) the probe must time another method before
+#: ``auto`` takes it: a clear margin, so that timing noise never changes the method (and with it
+#: the bits) between reruns, worker counts or a resumed cell. Measured on the 20x10 VAE, ``flat``
+#: runs 1.5-2x faster than ``batched``; the loop 5x on IndeCateR over ``polynomial``.
+SWITCH_FACTOR = 1.25
 
 
 def stream_draws(
