@@ -32,6 +32,7 @@ __all__ = [
     "write_cell",
     "load_results",
     "atomic_write_text",
+    "atomic_replace",
     "cell_path",
     "error_path",
     "checkpoint_path",
@@ -111,7 +112,9 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_replace(path: Path, write: Any) -> None:
+def atomic_replace(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(handle)`` on a temporary file in the same directory, fsync
+    and rename, so that a reader never sees a half-written file; mode as ``open`` gives."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -129,7 +132,7 @@ def _atomic_replace(path: Path, write: Any) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    _atomic_replace(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_replace(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def cell_path(run_dir: Path, cell_id: str) -> Path:
@@ -152,7 +155,7 @@ def write_cell(rows: pd.DataFrame, path: Path, identity: dict[str, str] | None =
     if identity:
         table = table.replace_schema_metadata(
             {f"estbench.{key}": value for key, value in identity.items()})
-    _atomic_replace(Path(path), lambda handle: pq.write_table(table, handle))
+    atomic_replace(Path(path), lambda handle: pq.write_table(table, handle))
     return file_digest(path)
 
 
