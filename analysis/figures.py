@@ -543,7 +543,7 @@ def plot_performance_profile(table: pd.DataFrame, *, metric: str, title: str = "
     if title:
         _suptitle(fig, title)
     _legend(fig, styles, table["estimator_label"], "estimator (colour: family)")
-    fig.text(0.01, 0.0, f"τ: per task, 0 = the best run of any configuration, 1 = the worst; "
-             f"higher and further left is better. Grey: the other families.", ha="left",
+    fig.text(0.01, 0.0, "τ: per task, 0 = the best run of any configuration, 1 = the worst; "
+             "higher and further left is better. Grey: the other families.", ha="left",
              va="top", fontsize=7.5, color="0.3")
     return fig

@@ -219,7 +219,7 @@ def _from_stats(st: _Stats, reference: Tensor | None, reference_var: Tensor | No
     out = _variance_metrics(st, z)
     if reference is None:
         return out
-    m, p = st.m, st.mean.shape[0]
+    m = st.m
     ref = reference.detach().to(torch.float64).reshape(-1).to(st.mean.device)
     r = torch.zeros_like(ref) if reference_var is None else reference_var.to(ref)
     v = r + _roundoff(st, ref, scale) ** 2  # what the reference is known to within

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import session_processes
 
 from estbench import load_results
 from estbench.cli import main
@@ -137,25 +138,13 @@ class _Run:
         return runs
 
 
-def _session_processes(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (the driver, its fork server and workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def _wait_until_gone(sid: int, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
-    while _session_processes(sid) and time.monotonic() < deadline:
+    while session_processes(sid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _session_processes(sid)
+    return session_processes(sid)
 
 
 def _kill_everything(run: _Run) -> None:
@@ -163,7 +152,7 @@ def _kill_everything(run: _Run) -> None:
     first (SIGSTOP), so that none sees another die and saves on its way out. Workers leave the
     driver's process group (so that Ctrl-C reaches the driver alone), not its session."""
     stopped: set[int] = set()
-    while pids := set(_session_processes(run.process.pid)) - stopped:
+    while pids := set(session_processes(run.process.pid)) - stopped:
         for pid in pids:
             _signal(pid, signal.SIGSTOP)
         stopped |= pids

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import session_processes
 
 from estbench import load_results
 from estbench.cli import main
@@ -216,17 +217,6 @@ def test_racing_lock_takers_never_both_win(tmp_path):
     assert winners == [1] * 500
 
 
-def _session_processes(sid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def _start_hanging_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -238,7 +228,7 @@ def _start_hanging_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
                               start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both workers busy with hanging cells
-        if (out / "manifest.json").is_file() and len(_session_processes(driver.pid)) >= 4:
+        if (out / "manifest.json").is_file() and len(session_processes(driver.pid)) >= 4:
             time.sleep(2)
             return driver, out
         time.sleep(0.2)
@@ -248,9 +238,9 @@ def _start_hanging_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
 
 def _wait_until_gone(sid: int, seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
-    while _session_processes(sid) and time.monotonic() < deadline:
+    while session_processes(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return _session_processes(sid)
+    return session_processes(sid)
 
 
 def test_a_killed_driver_leaves_no_process_behind(tmp_path):
