@@ -14,7 +14,6 @@ import fnmatch
 import html
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,20 +334,6 @@ pre{background:#f7f7f7;padding:.75rem;overflow-x:auto;font-size:.8rem}
 """
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(paths: Sequence[Path]) -> None:
-    """Give files written through a private temporary file the permissions the user's umask
-    gives new files (readable by collaborators unless the umask says otherwise)."""
-    mode = 0o666 & ~_umask()
-    for path in paths:
-        os.chmod(path, mode)
-
-
 def _output_dir(runs: list[Run], out_dir: str | Path | None) -> Path:
     if out_dir is not None:
         out = Path(out_dir)
@@ -470,5 +455,4 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
                                         problems, embedded, filters))
     atomic_write_text(written[1], _markdown(title, summary, deltas, problems))
     atomic_write_text(written[2], json.dumps(sorted(embedded)) + "\n")
-    _publish(written)
     return written[0]
