@@ -111,8 +111,7 @@ def combine_pvalues(pvalues: Sequence[float], method: str = "holm") -> float:
         return np.nan
     if method == "holm":
         return float(min(1.0, p.size * p.min()))
-    statistic = -2 * np.log(np.maximum(p, np.finfo(float).tiny)).sum()
-    return float(stats.chi2.sf(statistic, 2 * p.size))
+    return float(stats.combine_pvalues(np.maximum(p, np.finfo(float).tiny), method="fisher").pvalue)
 
 
 def _bias_size(squares: pd.DataFrame, level: float) -> tuple[float, float, float]:
