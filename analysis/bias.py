@@ -111,7 +111,8 @@ def combine_pvalues(pvalues: Sequence[float], method: str = "holm") -> float:
         return np.nan
     if method == "holm":
         return float(min(1.0, p.size * p.min()))
-    return float(stats.combine_pvalues(np.maximum(p, np.finfo(float).tiny), method="fisher").pvalue)
+    clamped = np.maximum(p, np.finfo(float).tiny)  # log(0) would warn
+    return float(stats.combine_pvalues(clamped, method="fisher").pvalue)
 
 
 def _bias_size(squares: pd.DataFrame, level: float) -> tuple[float, float, float]:
